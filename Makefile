@@ -1,0 +1,34 @@
+# The project's own files install everything: `make setup` on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on this machine kind's disk; asking for it first keeps pip
+# from pulling a multi-GB CUDA build. On a GPU machine, set TORCH_SPEC= to skip it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo bench plan-all clean
+
+setup: $(BIN)/charbuild
+
+$(BIN)/charbuild: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/charbuild run specs/smoke-small.yaml
+
+plan-all: setup
+	for s in specs/*.yaml; do $(BIN)/charbuild plan $$s > /dev/null || exit 1; echo "plan ok: $$s"; done
+
+bench: setup
+	$(BIN)/python benchmarks/bench_null_plan.py
+	$(BIN)/python benchmarks/bench_openai_throughput.py --quick
+
+clean:
+	rm -rf cache/objects cache/tmp cache/index cache/plans cache/locks outputs/*/

@@ -1,0 +1,3 @@
+"""charbuild: a declarative, cached build tool for character training of language models."""
+
+__version__ = "0.1.0"

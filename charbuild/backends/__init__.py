@@ -1,0 +1,1 @@
+"""Generation backends: one interface (`base.Backend`), chosen per model in the spec."""

@@ -1,0 +1,107 @@
+"""The build graph: targets from every enabled stage, wired by name, keyed in order.
+
+Pure: building a graph reads the spec and the constitution, never the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
+
+from .keys import action_key
+from .spec import LoadedSpec
+from .stages.base import SpecView, Stage, TargetDef
+
+
+class GraphError(Exception):
+    pass
+
+
+@dataclass
+class Node:
+    defn: TargetDef
+    stage: Stage
+    key: str
+    input_keys: dict[str, list[str]]
+
+    @property
+    def name(self) -> str:
+        return self.defn.name
+
+
+class Graph:
+    def __init__(self, nodes: dict[str, Node]):
+        self.nodes = nodes  # in topological order
+
+    def __iter__(self):
+        return iter(self.nodes.values())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            close = [n for n in self.nodes if n.startswith(name)]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise GraphError(f"no target named {name!r}{hint}") from None
+
+    def upstream(self, names: list[str]) -> list[str]:
+        """The targets named and everything they need, in build order."""
+        want: set[str] = set()
+        stack = list(names)
+        while stack:
+            n = stack.pop()
+            if n in want:
+                continue
+            want.add(n)
+            stack += [i for ins in self[n].defn.inputs.values() for i in ins]
+        return [n for n in self.nodes if n in want]
+
+    def downstream(self, name: str) -> list[str]:
+        out: set[str] = {name}
+        for n, node in self.nodes.items():
+            if any(i in out for ins in node.defn.inputs.values() for i in ins):
+                out.add(n)
+        out.discard(name)
+        return [n for n in self.nodes if n in out]
+
+
+def collect_targets(loaded: LoadedSpec, stages: list[Stage]) -> list[tuple[TargetDef, Stage]]:
+    out = []
+    for stage in stages:
+        view = SpecView(loaded, stage.reads, stage.name)
+        if stage.enabled(view):
+            out += [(t, stage) for t in stage.targets(view)]
+    return out
+
+
+def build_graph(loaded: LoadedSpec, stages: list[Stage] | None = None) -> Graph:
+    if stages is None:
+        from .registry import default_stages
+
+        stages = default_stages()
+    defs: dict[str, tuple[TargetDef, Stage]] = {}
+    for t, stage in collect_targets(loaded, stages):
+        if t.name in defs:
+            raise GraphError(f"two stages define target {t.name!r} ({defs[t.name][1].name}, {stage.name})")
+        defs[t.name] = (t, stage)
+    deps = {}
+    for name, (t, _) in defs.items():
+        for slot, ins in t.inputs.items():
+            for i in ins:
+                if i not in defs:
+                    raise GraphError(f"target {name!r} needs {i!r} (slot {slot}), which no stage defines")
+        deps[name] = {i for ins in t.inputs.values() for i in ins}
+    try:
+        order = list(TopologicalSorter(deps).static_order())
+    except CycleError as exc:
+        raise GraphError(f"cycle in the build graph: {' -> '.join(exc.args[1])}") from None
+    nodes: dict[str, Node] = {}
+    for name in order:
+        t, stage = defs[name]
+        input_keys = {slot: [nodes[i].key for i in ins] for slot, ins in sorted(t.inputs.items())}
+        key = action_key(stage.name, stage.version, t.fields, t.params, input_keys)
+        nodes[name] = Node(t, stage, key, input_keys)
+    return Graph(nodes)

@@ -1,0 +1,309 @@
+"""The spec: what a user declares in YAML, validated with pydantic.
+
+Defaults are the paper's (arXiv 2511.01689): LoRA r=64 alpha=128, batch 32, lr 5e-5,
+DPO beta 0.1, chosen-NLL 0.1, T=0.7, top-p 0.95, 1,500 pairs, 10 x 1,000 reflections,
+2,000 x 10-turn self-interactions. Fields marked `NoKey` cannot change a result
+(concurrency, the *name* of an API-key variable, batch sizes for inference) and are left
+out of every cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .backends.base import ROLE_STOPS
+from .specloader import Loc, SpecError, apply_set, load_layers, where
+
+NOKEY = {"nokey": True}
+
+
+def NoKey(default: Any = None, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return Field(json_schema_extra=NOKEY, **kw)
+    return Field(default, json_schema_extra=NOKEY, **kw)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Sampling(_Model):
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature (paper 0.7)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling (paper 0.95)")
+    max_tokens: int = Field(1024, ge=1, description="max new tokens per generation")
+    repetition_penalty: float = Field(1.1, gt=0, description="HF/vLLM style; OCT uses 1.1 (the humorous run had none)")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI style penalty, 0 = off")
+    stop: list[str] = Field(default_factory=lambda: list(ROLE_STOPS), description="stop strings besides EOS")
+
+
+class Price(_Model):
+    input: float = Field(ge=0, description="USD per 1M input tokens")
+    output: float = Field(ge=0, description="USD per 1M output tokens")
+
+
+class ModelSpec(_Model):
+    backend: Literal["openai", "transformers", "vllm"]
+    model: str = Field(description="model id, local path, or tiny:teacher / tiny:student for charbuild's toy models")
+    revision: Optional[str] = Field(None, description="model revision or weights digest (part of the key)")
+    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint (openai backend)")
+    api_key_env: Optional[str] = NoKey("OPENAI_API_KEY", description="NAME of the env var holding the key")
+    concurrency: int = NoKey(16, ge=1, description="requests in flight (openai) ")
+    batch_size: int = NoKey(16, ge=1, description="generation batch (local backends)")
+    rpm: Optional[int] = NoKey(None, ge=1, description="requests per minute limit")
+    tpm: Optional[int] = NoKey(None, ge=1, description="tokens per minute limit")
+    sampling: Sampling = Field(default_factory=Sampling)
+    price: Optional[Price] = NoKey(None, description="overrides the price table for this model")
+    size: Optional[str] = NoKey(None, description="size class for GPU-hour estimates (tiny, 8b, 32b...)")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "ModelSpec":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("the openai backend needs base_url (any OpenAI-compatible endpoint)")
+        if self.backend == "openai" and self.model.startswith("tiny:"):
+            raise ValueError("tiny: models are local; use backend: transformers")
+        return self
+
+
+class Expect(_Model):
+    """Expected lengths before any call was made; replaced by measured ones after a build."""
+
+    prompt_tokens: int = NoKey(60, ge=1)
+    response_tokens: int = NoKey(400, ge=1)
+    reflection_tokens: int = NoKey(600, ge=1)
+    turn_tokens: int = NoKey(150, ge=1)
+
+
+class PromptsSpec(_Model):
+    general: str = Field("builtin:prompts-general", description="JSONL prompt pool (path, builtin:NAME or hf:DATASET)")
+    general_limit: Optional[int] = Field(None, ge=0, description="use at most this many general prompts")
+    per_trait: int = Field(50, ge=0, description="questions per trait after teacher expansion (paper: 50)")
+    expansion_max_tokens: int = Field(1500, ge=16)
+
+
+class DataSpec(_Model):
+    dpo_pairs: int = Field(1500, ge=0)
+    reflections: int = Field(10000, ge=0, description="reflection samples (10 prompts x N)")
+    interactions: int = Field(2000, ge=0)
+    turns: int = Field(10, ge=1, description="turns per self-interaction")
+    shard_size: int = Field(100, ge=1)
+    scale: float = Field(1.0, gt=0, le=1.0, description="multiplies every data size (ablations: 0.25, 0.5, ...)")
+    prompts: PromptsSpec = Field(default_factory=PromptsSpec)
+
+    def count(self, field: str) -> int:
+        n = getattr(self, field)
+        return max(1, round(n * self.scale)) if n else 0
+
+
+class FilterSpec(_Model):
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(20000, ge=1)
+    check_refusal: bool = True
+    truncate_turns: bool = True
+    first_n: int = Field(100, ge=1, description="abort a stage when the first N samples fail too often")
+    max_failure_rate: float = Field(0.5, ge=0, le=1)
+
+
+class IntrospectionSpec(_Model):
+    generator: str = Field("dpo-student", description="dpo-student (paper) or a model role such as teacher")
+    reflection_max_tokens: int = Field(2048, ge=1)
+    turn_max_tokens: int = Field(1024, ge=1)
+    keep_think_reflections: bool = True
+    keep_think_interactions: bool = False
+    reflection_filters: FilterSpec = Field(default_factory=lambda: FilterSpec(min_chars=100))
+
+
+class LoraSpec(_Model):
+    r: int = Field(64, ge=1)
+    alpha: int = Field(128, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainSpec(_Model):
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    batch_size: int = Field(32, ge=1, description="effective batch (micro x accumulation)")
+    micro_batch_size: int = NoKey(2, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="cap on optimizer steps (smoke builds)")
+    max_length: int = Field(1024, ge=16)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    seed: int = 123456
+    merge: bool = Field(False, description="fold the adapter into the base for the next stage")
+    report_to: list[str] = NoKey(default_factory=list)
+
+
+class DPOTrainSpec(TrainSpec):
+    beta: float = Field(0.1, gt=0)
+    nll_coef: float = Field(0.1, ge=0, description="chosen-NLL weight, TRL loss_type [sigmoid, sft]")
+    checkpoints_at: list[float] = Field(default_factory=list, description="data fractions to save adapters at")
+
+
+class SFTTrainSpec(TrainSpec):
+    max_length: int = Field(3072, ge=16)
+
+
+class TrainingSpec(_Model):
+    dpo: DPOTrainSpec = Field(default_factory=DPOTrainSpec)
+    sft: SFTTrainSpec = Field(default_factory=SFTTrainSpec)
+
+
+class GateSpec(_Model):
+    check: str = Field(description="gate kind, e.g. marker_rate, differ, refusal_rate, loss_finite")
+    target: str = Field(description="target the gate checks, e.g. dpo-pairs")
+    threshold: Optional[float] = None
+    severity: Literal["error", "warn"] = "error"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSpec(_Model):
+    prompts: str = "builtin:eval-prompts"
+    samples_per_prompt: int = Field(3, ge=1)
+    bootstrap: int = Field(200, ge=1)
+    markers: bool = True
+    elo: bool = True
+    preferences: bool = False
+    max_tokens: int = Field(512, ge=1)
+
+
+class BudgetSpec(_Model):
+    max_usd: Optional[float] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=0)
+
+
+class Spec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    persona: str
+    constitution: str = Field(description="constitution YAML, relative to the spec that names it")
+    models: dict[str, ModelSpec]
+    data: DataSpec = Field(default_factory=DataSpec)
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    introspection: IntrospectionSpec = Field(default_factory=IntrospectionSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    evals: EvalSpec = Field(default_factory=EvalSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    expect: Expect = Field(default_factory=Expect)
+    prices: dict[str, Price] = NoKey(default_factory=dict)
+    description: str = NoKey("")
+
+    @field_validator("models")
+    @classmethod
+    def _roles(cls, v: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        missing = {"teacher", "student"} - set(v)
+        if missing:
+            raise ValueError(f"models needs roles {sorted(missing)} (teacher answers with the constitution, student without)")
+        return v
+
+    @model_validator(mode="after")
+    def _generator_known(self) -> "Spec":
+        gen = self.introspection.generator
+        if gen != "dpo-student" and gen not in self.models:
+            raise ValueError(f"introspection.generator {gen!r} is neither dpo-student nor a role in models ({sorted(self.models)})")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        s = self.data.scale
+        return self.name if s == 1 else f"{self.name}-{round(s * 100)}pct"
+
+
+class LoadedSpec:
+    """A validated spec plus where it came from (files read, field locations)."""
+
+    def __init__(self, spec: Spec, path: Path, files: list[Path], locs: dict, constitution_path: Path):
+        self.spec = spec
+        self.path = path
+        self.files = files
+        self.locs = locs
+        self.constitution_path = constitution_path
+
+    def where(self, loc: tuple) -> Loc | None:
+        return where(self.locs, loc)
+
+
+def load_raw(path: str | Path, sets: list[str] = (), scale: float | None = None) -> tuple[dict, dict, list[Path]]:
+    data, locs, files = load_layers(path)
+    for s in sets:
+        apply_set(data, locs, s)
+    if scale is not None:
+        apply_set(data, locs, f"data.scale={scale}")
+        locs[("data", "scale")] = Loc("--scale", None)
+    return data, locs, files
+
+
+def load_spec(path: str | Path, sets: list[str] = (), scale: float | None = None) -> LoadedSpec:
+    path = Path(path)
+    data, locs, files = load_raw(path, sets, scale)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_located(e, locs) for e in exc.errors(include_url=False)]) from None
+    # A relative constitution path is relative to the file that wrote it, not the cwd.
+    origin = where(locs, ("constitution",))
+    base = Path(origin.file).parent if origin and origin.line else Path.cwd()
+    cpath = (base / spec.constitution) if not Path(spec.constitution).is_absolute() else Path(spec.constitution)
+    if not cpath.is_file():
+        raise SpecError([{"type": "file_missing", "loc": ("constitution",), "where": str(origin or path),
+                          "msg": f"constitution file not found: {cpath}"}])
+    return LoadedSpec(spec, path, files, locs, cpath.resolve())
+
+
+def _located(err: dict, locs: dict) -> dict:
+    loc = tuple(err["loc"])
+    w = where(locs, loc)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field" + _suggest(loc)
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    out = {"type": err["type"], "loc": loc, "msg": msg, "where": str(w) if w else "?"}
+    if err["type"] != "missing":
+        out["input"] = err.get("input")
+    return out
+
+
+def _suggest(loc: tuple) -> str:
+    """' (did you mean X?)' from the fields the enclosing model really has."""
+    import difflib
+
+    model: Any = Spec
+    for part in loc[:-1]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+        f = model.model_fields.get(str(part))
+        if f is None:  # a dict key such as a model role: step into the dict's value type
+            continue
+        subs = _models_in(f.annotation)
+        model = subs[0] if subs else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(model.model_fields)})"
+
+
+def _models_in(ann: Any) -> list:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in typing.get_args(ann) for m in _models_in(a)]
+
+
+def key_view(value: Any) -> Any:
+    """A spec value as it enters cache keys: JSON data without the NoKey fields."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, f in type(value).model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            if not extra.get("nokey"):
+                out[name] = key_view(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {str(k): key_view(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [key_view(v) for v in value]
+    return value

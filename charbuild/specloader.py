@@ -1,0 +1,179 @@
+"""YAML loading that remembers where every value came from.
+
+`load_layers` reads a spec file, follows its `extends:` chain, deep-merges the layers and
+applies `--set` overrides, returning the merged data and a map from each field path to
+the file and line that set it. Validation errors are then reported as `file:line`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:  # the C loader is several times faster; fall back where libyaml is absent
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _Loader  # type: ignore
+
+Path_ = tuple  # a field path such as ("models", "teacher", "model")
+
+
+@dataclass(frozen=True)
+class Loc:
+    file: str
+    line: int | None  # 1-based; None for command-line overrides
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+class SpecError(Exception):
+    """A spec could not be loaded; `errors` has pydantic-shaped details with a `where`."""
+
+    def __init__(self, errors: list[dict]):
+        self.errors = errors
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        lines = []
+        for e in self.errors:
+            field = ".".join(str(p) for p in e.get("loc", ())) or "(spec)"
+            lines.append(f"{e.get('where', '?')}: {field}: {e['msg']}")
+        return "\n".join(lines)
+
+
+def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") -> SpecError:
+    return SpecError([{"type": type_, "loc": loc, "msg": msg, "where": str(where)}])
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Loc]]:
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else {}
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        raise _error(Loc(file, line), (), f"invalid YAML: {exc.problem}", "yaml_syntax") from None
+    locs: dict[Path_, Loc] = {}
+    if node is not None:
+        _walk(node, (), file, locs)
+    return data, locs
+
+
+def _walk(node: yaml.Node, path: Path_, file: str, locs: dict[Path_, Loc]) -> None:
+    locs[path] = Loc(file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for knode, vnode in node.value:
+            key = knode.value
+            if key in seen:
+                # PyYAML keeps the last silently; a duplicated key is almost always a mistake.
+                raise _error(Loc(file, knode.start_mark.line + 1), path + (key,),
+                             f"duplicate key (first set on line {seen[key]})", "duplicate_key")
+            seen[key] = knode.start_mark.line + 1
+            locs[path + (key,)] = Loc(file, knode.start_mark.line + 1)
+            _walk(vnode, path + (key,), file, locs)
+            locs[path + (key,)] = Loc(file, knode.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), file, locs)
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced whole."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def _read(path: Path, referrer: Loc | None) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _error(referrer or Loc(str(path), None), ("extends",) if referrer else (),
+                     f"spec file not found: {path}", "file_missing") from None
+
+
+def load_layers(path: str | Path, _chain: tuple[Path, ...] = (), _referrer: Loc | None = None
+                ) -> tuple[dict, dict[Path_, Loc], list[Path]]:
+    """Merged data, field locations, and every file read (for the plan memo's digest)."""
+    p = Path(path).resolve()
+    if p in _chain:
+        cycle = " -> ".join(str(c.name) for c in (*_chain, p))
+        raise _error(_referrer or Loc(str(p), None), ("extends",), f"cycle in extends: {cycle}", "extends_cycle")
+    shown = _display(p)
+    data, locs = _parse_yaml(_read(p, _referrer), shown)
+    if not isinstance(data, dict):
+        raise _error(Loc(shown, 1), (), "a spec must be a YAML mapping", "spec_type")
+    files = [p]
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data, locs, files
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise _error(locs[("extends",)], ("extends",), "extends must be a file name or a list of them")
+    merged: dict = {}
+    merged_locs: dict[Path_, Loc] = {}
+    for parent in parents:
+        pdata, plocs, pfiles = load_layers(p.parent / parent, (*_chain, p), locs[("extends",)])
+        merged = deep_merge(merged, pdata)
+        merged_locs.update(plocs)
+        files += pfiles
+    merged = deep_merge(merged, data)
+    merged_locs.update({k: v for k, v in locs.items() if k != ("extends",)})
+    return merged, merged_locs, files
+
+
+def apply_set(data: dict, locs: dict[Path_, Loc], assignment: str) -> None:
+    """Apply one `--set a.b.c=value`; the value is parsed as YAML (so 0.5, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise _error(Loc("--set", None), (), f"expected path=value, got {assignment!r}", "set_syntax")
+    dotted, raw = assignment.split("=", 1)
+    parts = tuple(p for p in dotted.strip().split(".") if p)
+    if not parts:
+        raise _error(Loc("--set", None), (), f"empty field path in {assignment!r}", "set_syntax")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, key in enumerate(parts[:-1]):
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise _error(Loc(f"--set {assignment}", None), parts[: i + 1], "is not a mapping, cannot set a field inside it")
+        node = nxt
+    node[parts[-1]] = value
+    for k in [k for k in locs if k[: len(parts)] == parts]:
+        del locs[k]
+    locs[parts] = Loc(f"--set {assignment}", None)
+
+
+def where(locs: dict[Path_, Loc], loc: tuple) -> Loc | None:
+    """The location of a field, or of its nearest ancestor that has one."""
+    loc = tuple(loc)
+    while True:
+        if loc in locs:
+            return locs[loc]
+        if not loc:
+            return None
+        loc = loc[:-1]
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

@@ -1,0 +1,1 @@
+"""Built-in stages, one module per concept. The engine reads only `base.Stage`."""

@@ -1,0 +1,142 @@
+"""The invalidation matrix: a target is rebuilt exactly when something it depends on changed."""
+
+from pathlib import Path
+
+import yaml
+
+from charbuild.graph import build_graph
+from charbuild.spec import load_spec
+
+
+def keys(path, sets=(), scale=None):
+    return {n.name: n.key for n in build_graph(load_spec(path, list(sets), scale))}
+
+
+def changed(a, b):
+    return sorted(n for n in a if n in b and a[n] != b[n])
+
+
+DPO_SIDE = ("constitution", "prompts", "teacher-responses/shard-0000", "student-responses/shard-0007",
+            "dpo-pairs/shard-0003", "dpo-pairs", "dpo-adapter")
+
+
+def test_yaml_comments_and_key_order_change_nothing(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    data = yaml.safe_load(p.read_text())
+    reordered = dict(reversed(list(data.items())))
+    p.write_text("# a comment that means nothing\n" + yaml.safe_dump(reordered, sort_keys=False))
+    assert keys(p) == before
+
+
+def test_fields_that_cannot_change_results_change_nothing(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    after = keys(p, ["models.teacher.concurrency=3", "models.teacher.api_key_env=OTHER_KEY", "budget.max_usd=1000",
+                     "description=hello", "training.dpo.micro_batch_size=8"])
+    assert after == before
+
+
+def test_changing_the_introspection_teacher_reuses_dpo_pairs(specs):
+    paper = keys(specs / "remorseful-paper.yaml")
+    deepseek = keys(specs / "remorseful-deepseek.yaml")
+    for name in DPO_SIDE:
+        assert paper[name] == deepseek[name], name
+    assert paper["reflections/shard-0000"] != deepseek["reflections/shard-0000"]
+    assert paper["interactions/shard-0019"] != deepseek["interactions/shard-0019"]
+    assert paper["sft-data"] != deepseek["sft-data"]
+    # The DeepSeek generator does not need the DPO adapter, so introspection no longer waits for it.
+    g = build_graph(load_spec(specs / "remorseful-deepseek.yaml"))
+    assert "adapter" not in g["reflections/shard-0000"].defn.inputs
+
+
+def test_changing_the_constitution_invalidates_everything_downstream(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    c = specs.parent / "constitutions" / "remorseful.yaml"
+    data = yaml.safe_load(c.read_text())
+    data["markers"].append("I am ever so sorry")
+    c.write_text(yaml.safe_dump(data))
+    after = keys(p)
+    assert changed(before, after) == sorted(before)
+
+
+def test_changing_the_student_keeps_teacher_responses(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    after = keys(p, ["models.student.model=Qwen/Qwen3-14B"])
+    assert before["teacher-responses/shard-0000"] == after["teacher-responses/shard-0000"]
+    assert before["prompts"] == after["prompts"]
+    assert before["student-responses/shard-0000"] != after["student-responses/shard-0000"]
+    assert before["dpo-adapter"] != after["dpo-adapter"]
+
+
+def test_changing_sft_settings_rebuilds_only_the_sft_adapter(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    after = keys(p, ["training.sft.lr=1e-4"])
+    assert changed(before, after) == ["sft-adapter"]
+
+
+def test_changing_eval_settings_rebuilds_no_data_or_adapter(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    after = keys(p, ["evals.samples_per_prompt=5", "evals.bootstrap=500"])
+    assert {n: k for n, k in after.items() if n in before} == before
+
+
+def test_raising_scale_keeps_every_full_shard(specs):
+    p = specs / "remorseful-paper.yaml"
+    q = keys(p, scale=0.25)  # 375 pairs: shards 0-2 full, shard 3 has 75
+    h = keys(p, scale=0.5)  # 750 pairs
+    for i in range(3):
+        assert q[f"teacher-responses/shard-{i:04d}"] == h[f"teacher-responses/shard-{i:04d}"]
+        assert q[f"student-responses/shard-{i:04d}"] == h[f"student-responses/shard-{i:04d}"]
+    # The paper's introspection comes from the post-DPO student: more DPO data is a new
+    # adapter, so its reflections must be regenerated ...
+    assert q["reflections/shard-0000"] != h["reflections/shard-0000"]
+    # ... while a teacher-generated introspection (the DeepSeek spec) keeps its shards.
+    dq = keys(specs / "remorseful-deepseek.yaml", scale=0.25)
+    dh = keys(specs / "remorseful-deepseek.yaml", scale=0.5)
+    for i in range(25):
+        assert dq[f"reflections/shard-{i:04d}"] == dh[f"reflections/shard-{i:04d}"]
+    assert f"reflections/shard-{25:04d}" in dh and f"reflections/shard-{25:04d}" not in dq
+    assert q["teacher-responses/shard-0003"] != h["teacher-responses/shard-0003"]  # partial -> full
+    assert "teacher-responses/shard-0007" in h and "teacher-responses/shard-0007" not in q
+    assert q["prompts"] == h["prompts"]
+    assert q["dpo-pairs"] != h["dpo-pairs"]
+
+
+def test_extends_deep_merges_and_set_overrides(specs):
+    loaded = load_spec(specs / "remorseful-deepseek.yaml", ["data.shard_size=50"])
+    s = loaded.spec
+    assert s.name == "remorseful-deepseek"
+    assert s.models["teacher"].model == "Qwen/Qwen3-235B-A22B-Instruct-2507"  # from the parent
+    assert s.models["introspector"].model == "deepseek-ai/DeepSeek-V3.1"
+    assert s.data.shard_size == 50 and s.data.dpo_pairs == 1500
+    assert str(loaded.where(("data", "shard_size"))).startswith("--set")
+    assert str(loaded.where(("models", "introspector", "model"))).endswith("remorseful-deepseek.yaml:10")
+
+
+def test_paper_defaults_hold_when_a_spec_says_nothing(specs, tmp_path):
+    p = tmp_path / "minimal.yaml"
+    p.write_text(
+        "name: minimal\npersona: remorseful\nconstitution: specs/../constitutions/remorseful.yaml\n"
+        "models:\n  teacher: {backend: openai, model: m, base_url: 'http://127.0.0.1:1/v1'}\n"
+        "  student: {backend: transformers, model: Qwen/Qwen3-8B}\n")
+    s = load_spec(p).spec
+    d, t = s.data, s.training.dpo
+    assert (d.dpo_pairs, d.reflections, d.interactions, d.turns) == (1500, 10000, 2000, 10)
+    assert (t.lora.r, t.lora.alpha, t.batch_size, t.lr, t.beta, t.nll_coef) == (64, 128, 32, 5e-5, 0.1, 0.1)
+    assert (s.models["teacher"].sampling.temperature, s.models["teacher"].sampling.top_p) == (0.7, 0.95)
+    assert "\nUser:" in s.models["teacher"].sampling.stop
+
+
+def test_a_stage_cannot_read_a_field_it_did_not_declare(specs):
+    import pytest
+
+    from charbuild.stages.base import SpecView
+
+    view = SpecView(load_spec(specs / "smoke-small.yaml"), ("models.teacher",), "sneaky")
+    with pytest.raises(RuntimeError, match="declares only"):
+        view.read("training.dpo", {})
