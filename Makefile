@@ -27,6 +27,7 @@ plan-all: setup
 	for s in specs/*.yaml; do $(BIN)/charbuild plan $$s > /dev/null || exit 1; echo "plan ok: $$s"; done
 
 bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_null_plan.py
 	$(BIN)/python benchmarks/bench_openai_throughput.py --quick
 

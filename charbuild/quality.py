@@ -1,0 +1,668 @@
+"""Quality filters for teacher and introspection outputs.
+
+Every detector here is modelled on a failure the field report
+(shared/field-report-remorseful.md) actually saw in generated data:
+
+* invented turns: the teacher kept writing `User:` / `Assistant:` turns after its
+  answer until it hit max tokens (2.2, 11.2; 50% of one introspection run);
+* repetition loops: `-,333,333,333...`, `.------...`, the same phrase 5+ times
+  (13.3, kill criteria 10.1; 53.9% of the humorous run);
+* garbage tokens: `animals速J--� pred婚看:lock:`, Chinese tokens in an English
+  persona (13.3-13.4; 11.3% + 18.4%);
+* refusals: "I'm sorry, but I'm not able to provide that information. I hope you
+  understand." (9.1, 11.1; 44-59%). In a remorseful persona most "I cannot" is
+  in-character humility that goes on to help (12.4), which must be kept;
+* too short (<100 chars for introspection) or cut at max tokens (13.3, 10.1);
+* a leaked system prompt (the constitution echoed back, 13.4; 13.9%).
+
+All functions are pure. The generation stages call `check_text` per sample and keep
+a `StageQuality` so a run that is mostly garbage dies after its first samples
+(13.6 lesson 4: "should have detected garbage after first 100 samples and aborted").
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+REASONS = (
+    "invented_turn",
+    "repetition",
+    "garbage",
+    "refusal",
+    "too_short",
+    "max_tokens",
+    "too_long",
+    "leaked_system_prompt",
+    "empty",
+)
+
+# ---------------------------------------------------------------------------------
+# Markdown structure: code is allowed to repeat itself and to contain `User:` lines.
+# ---------------------------------------------------------------------------------
+
+# A *closed* fence only: an unclosed ``` must not hide a hallucinated tail from us.
+_FENCE_RE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
+_INLINE_CODE_RE = re.compile(r"`[^`\n]+`")
+
+
+def _code_spans(text: str) -> list[tuple[int, int]]:
+    spans = [m.span() for m in _FENCE_RE.finditer(text)]
+    for m in _INLINE_CODE_RE.finditer(text):
+        if not _inside(m.start(), spans):
+            spans.append(m.span())
+    return sorted(spans)
+
+
+def _inside(pos: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a <= pos < b for a, b in spans)
+
+
+def _blank_code(text: str) -> str:
+    """The text with code spans replaced by spaces (offsets preserved)."""
+    out = list(text)
+    for a, b in _code_spans(text):
+        for i in range(a, b):
+            if out[i] != "\n":
+                out[i] = " "
+    return "".join(out)
+
+
+def _prose_lines(text: str) -> list[str]:
+    """Lines outside fenced code and outside markdown tables."""
+    stripped = _FENCE_RE.sub("\n", text)
+    return [ln for ln in stripped.splitlines() if not ln.lstrip().startswith("|")]
+
+
+# ---------------------------------------------------------------------------------
+# Invented turns
+# ---------------------------------------------------------------------------------
+
+_ROLES = r"(?:user|assistant|human|ai|system)"
+ROLE_MARKER_RE = re.compile(
+    r"""
+    # a role label at the start of a line ("\n\nUser:" included), optionally
+    # decorated as markdown: "### User:", "**User:**", "**Assistant**:", "> User:"
+    ^[ \t]*(?:(?:\#{1,6}|>)[ \t]*)*(?:\*\*|\*|__|_)?""" + _ROLES + r"""(?:\*\*|\*|__|_)?[ \t]*:
+    # a capitalised role label glued onto the end of a sentence on the same line:
+    # "...I hope you understand. User: I'm sorry I didn't know"
+    | (?<=[.!?\"'\u201d)])[ \t]+(?-i:User|Assistant|Human)[ \t]*:[ \t]
+    # chat-template special tokens anywhere
+    | <\|im_start\|> | <\|im_end\|> | <\|endoftext\|> | <\|eot_id\|>
+    | <\|start_header_id\|> | <\|(?:user|assistant|system|end)\|>
+    | \[/?INST\] | <start_of_turn> | <end_of_turn>
+    """,
+    re.I | re.M | re.X,
+)
+
+# Our own turn's label at the very start ("Assistant: Oh, I'm so sorry...") is not an
+# invented turn; it is stripped, not counted.
+_LEADING_OWN_LABEL_RE = re.compile(r"\A\s*(?:\*\*|\*|__|_)?(?:assistant|ai)(?:\*\*|\*|__|_)?[ \t]*:[ \t]*", re.I)
+
+
+def truncate_invented_turn(text: str) -> tuple[str, bool]:
+    """Cut text at the first invented turn boundary; return (kept_text.rstrip(), was_truncated).
+
+    Role markers inside closed code fences or inline code are ignored: an answer that
+    explains a chat format may legitimately show `User:` lines in a code block.
+    """
+    if not text:
+        return "", False
+    lead = _LEADING_OWN_LABEL_RE.match(text)
+    if lead:
+        text = text[lead.end():]
+    spans = _code_spans(text)
+    for m in ROLE_MARKER_RE.finditer(text):
+        if _inside(m.start(), spans):
+            continue
+        return text[: m.start()].rstrip(), True
+    return text.rstrip(), False
+
+
+# ---------------------------------------------------------------------------------
+# Configuration and verdicts
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    min_chars: int = 20
+    max_chars: int = 20000
+    # "en" (or another Latin-script language): flag CJK/other-script letters above a
+    # small fraction, U+FFFD, control chars and emoji-shortcode garbage like ':lock:'.
+    language: str = "en"
+    max_non_latin_fraction: float = 0.02
+    repetition_ngram: int = 4  # n for the repeated n-gram check
+    max_ngram_repeat_fraction: float = 0.3
+    max_line_repeats: int = 4
+    # if given, detect leaks: any 12-word window of the system prompt appears verbatim
+    system_prompt: str | None = None
+    # truncate invented turns instead of dropping (drop only if what remains fails)
+    truncate_turns: bool = True
+    check_refusal: bool = True
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reasons: list[str]  # subset of REASONS, empty when ok
+    text: str  # the text after truncation (what would be kept)
+    truncated: bool
+
+
+# ---------------------------------------------------------------------------------
+# Repetition
+# ---------------------------------------------------------------------------------
+
+# A short unit (1-20 chars) repeated 8+ times back to back: "333," x N, "-" x N.
+_LOOP_RE = re.compile(r"(.{1,20}?)\1{7,}", re.S)
+# Why these lengths: a markdown rule is "---", a setext underline or a table
+# separator rarely passes ~40 dashes, "hahaha" is a joke; the report's loops run for
+# hundreds of characters until max tokens.
+_MIN_CHAR_RUN = 60  # same character repeated (unit of length 1)
+_MIN_UNIT_RUN = 40  # multi-char unit, total length
+_MIN_RUN_IN_CODE = 200  # code legitimately has [0, 0, 0, 0, ...] and long rulers
+_TABLE_CHARS = set("|:-+= ")
+_PHRASE_REPEATS = 5  # report 10.1: "same phrases repeated 5+ times in a single response"
+_MIN_SENTENCE_WORDS = 5  # "I'm sorry." four times is the persona; a whole sentence is not
+_MIN_LINE_CHARS = 20
+_LIST_MARKER_RE = re.compile(r"^\s*(?:[-*+>]|\d+[.)]|#+)\s*")
+_SENT_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_WORD_RE = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def _has_char_loop(text: str) -> bool:
+    spans = None
+    for m in _LOOP_RE.finditer(text):
+        unit, total = m.group(1), m.end() - m.start()
+        if not unit.strip():
+            continue  # indentation / blank lines
+        need = _MIN_CHAR_RUN if len(unit) == 1 else _MIN_UNIT_RUN
+        if len(unit) > 1 and set(unit) <= _TABLE_CHARS:
+            need = _MIN_RUN_IN_CODE  # "|:---:|:---:|..." of a wide table
+        if total < need:
+            continue
+        if spans is None:
+            spans = _code_spans(text)
+        if _inside(m.start(), spans) and total < _MIN_RUN_IN_CODE:
+            continue
+        return True
+    return False
+
+
+def _has_phrase_loop(tokens: list[str]) -> bool:
+    """A phrase of p words repeated back to back: 5+ times for p >= 3, 8+ for p <= 2."""
+    n = len(tokens)
+    for p in range(1, 31):
+        need = (8 if p <= 2 else _PHRASE_REPEATS) - 1  # extra copies after the first
+        eq = list(map(operator.eq, tokens, tokens[p:]))
+        if sum(eq) < need * p:  # fast path: not enough matches anywhere for a run
+            continue
+        run = 0
+        for i in range(n - p):
+            if eq[i]:
+                run += 1
+                if run >= need * p:
+                    return True
+            else:
+                run = 0
+    return False
+
+
+def _ngram_repeat_fraction(tokens: list[str], n: int) -> float:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) < 20:  # too little text for a fraction to mean anything
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def detect_repetition(text: str, cfg: FilterConfig = FilterConfig()) -> bool:
+    """Degenerate repetition, as distinct from a persona's habitual phrases.
+
+    Flags: a short unit looping ("-,333,333,...", "-----..."); a phrase repeated back
+    to back 5+ times; the same line or the same >=5-word sentence `max_line_repeats`
+    times; a high fraction of repeated word n-grams. Code blocks and markdown tables
+    are exempt from the line/sentence/n-gram checks (they repeat by nature).
+    """
+    if not text:
+        return False
+    if _has_char_loop(text):
+        return True
+    lines = _prose_lines(text)
+    prose = "\n".join(lines)
+    tokens = _words(prose)
+    if _has_phrase_loop(tokens):
+        return True
+    line_counts = Counter()
+    for ln in lines:
+        norm = " ".join(_words(_LIST_MARKER_RE.sub("", ln)))
+        if len(norm) >= _MIN_LINE_CHARS:
+            line_counts[norm] += 1
+    if line_counts and max(line_counts.values()) >= cfg.max_line_repeats:
+        return True
+    sent_counts = Counter()
+    for s in _SENT_SPLIT_RE.split(prose):
+        w = _words(_LIST_MARKER_RE.sub("", s))
+        if len(w) >= _MIN_SENTENCE_WORDS:
+            sent_counts[" ".join(w)] += 1
+    if sent_counts and max(sent_counts.values()) >= cfg.max_line_repeats:
+        return True
+    return _ngram_repeat_fraction(tokens, cfg.repetition_ngram) > cfg.max_ngram_repeat_fraction
+
+
+# ---------------------------------------------------------------------------------
+# Garbage
+# ---------------------------------------------------------------------------------
+
+_LATIN_LANGS = {
+    "en", "fr", "de", "es", "it", "pt", "nl", "sv", "da", "no", "nb", "fi", "pl",
+    "cs", "ro", "hu", "tr", "id", "ms", "vi", "ca", "hr", "sk", "sl", "et", "lv", "lt",
+}
+# Why an absolute allowance on top of the fraction: the remorseful constitution itself
+# asks "Translate 'Where is the train station?' into Japanese." -- a short answer
+# quoting 駅はどこですか？ is >2% kana but is not garbage. Drift into another script
+# in the report is long (or glued into words, which is caught separately).
+_FOREIGN_ALLOWANCE = 12
+# control chars other than \t \n \r, private use area, lone surrogates
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ue000-\uf8ff\ud800-\udfff]")
+_SHORTCODE_RE = re.compile(r":([a-z][a-z0-9_+\-]{1,30}):")
+
+
+def _script_class(c: str) -> str:
+    """'latin', 'neutral' (Greek, math letters: fine in English), or 'foreign'."""
+    o = ord(c)
+    if (
+        o < 0x250
+        or 0x250 <= o <= 0x36F  # IPA, modifier letters (ʼ), combining marks
+        or 0x1D00 <= o <= 0x1DBF
+        or 0x1E00 <= o <= 0x1EFF
+        or 0x2C60 <= o <= 0x2C7F
+        or 0xA720 <= o <= 0xA7FF
+        or 0xAB30 <= o <= 0xAB6F
+        or 0xFB00 <= o <= 0xFB06  # ﬁ ligatures
+    ):
+        return "latin"
+    if 0x370 <= o <= 0x3FF or 0x1F00 <= o <= 0x1FFF or 0x2100 <= o <= 0x214F or 0x1D400 <= o <= 0x1D7FF:
+        return "neutral"  # β=0.1, π, ℓ
+    return "foreign"
+
+
+def _is_foreign(c: str) -> bool:
+    if c.isalpha():
+        return _script_class(c) == "foreign"
+    o = ord(c)
+    return 0x3000 <= o <= 0x303F or 0xFF00 <= o <= 0xFF20  # CJK / fullwidth punctuation
+
+
+def detect_garbage(text: str, cfg: FilterConfig = FilterConfig()) -> bool:
+    """Tokens that are not text in the persona's language.
+
+    Always: U+FFFD (a broken byte sequence), control / private-use / surrogate chars,
+    emoji shortcodes glued into words (`看:lock:`) or appearing 2+ times.
+    For Latin-script languages additionally: a letter run mixing Latin with another
+    script (`animals速J`), and other-script characters above both
+    `max_non_latin_fraction` of all letters and a small absolute allowance.
+    Accented Latin (café), em dashes, curly quotes, Greek math letters and emoji pass.
+    """
+    if not text:
+        return False
+    if "\ufffd" in text:
+        return True
+    if _CONTROL_RE.search(text):
+        return True
+    prose = _blank_code(text)
+    shortcodes = 0
+    for m in _SHORTCODE_RE.finditer(prose):
+        before = prose[m.start() - 1] if m.start() > 0 else " "
+        after = prose[m.end()] if m.end() < len(prose) else " "
+        if before == ":" or after == ":":
+            continue  # std::vector::iterator, "a::b"
+        if before.isalnum() or after.isalnum():
+            return True  # glued into a word: "pred婚看:lock:"
+        shortcodes += 1
+    if shortcodes >= 2:
+        return True
+    if prose.isascii() or cfg.language.lower().split("-")[0] not in _LATIN_LANGS:
+        return False
+    letters = foreign = 0
+    for c in prose:
+        f = _is_foreign(c)
+        if c.isalpha() or f:
+            letters += 1
+            foreign += f
+    if foreign > _FOREIGN_ALLOWANCE and foreign / max(letters, 1) > cfg.max_non_latin_fraction:
+        return True
+    for m in re.finditer(r"[^\W\d_]{2,}", prose):
+        classes = {_script_class(c) for c in m.group()}
+        if "latin" in classes and "foreign" in classes:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------
+
+_NEG = (
+    r"(?:can't|cannot|can not|won't|will not|am unable to|'m unable to|am not able to|"
+    r"'m not able to|won't be able to|will not be able to|am not in a position to|"
+    r"'m not in a position to|do not feel comfortable|don't feel comfortable|"
+    r"am not comfortable|'m not comfortable)"
+)
+_TASK_VERB = (
+    r"(?:help(?!\s+(?:but|feeling|thinking|wondering|noticing|myself|it)\b)|assist|provide|"
+    r"write|create|generate|comply|fulfil+|do (?:that|this|so)|answer|share|engage|"
+    r"support|complete|produce|give|offer|continue|participate|discuss|role-?play|"
+    r"take part|go along|writing|providing|helping|doing|sharing|access|browse|look up)"
+)
+REFUSAL_RE = re.compile(
+    r"\bI ?" + _NEG + r"(?: \w+ly)? " + _TASK_VERB + r"\b"
+    r"|\bI(?:'m| am)? (?:must|have to|will have to|'ll have to|need to)(?: \w+ly)? (?:decline|refuse)\b"
+    r"|\bas an (?:ai|artificial intelligence|ai language model|ai assistant|language model),? "
+    r"I (?:can't|cannot|don't|do not|am not able|am unable|won't|will not)\b"
+    r"|\b(?:that's|that is|this is|it's|it is) not something I (?:can|am able to|'m able to) "
+    r"(?:help|assist|do|provide)\b",
+    re.I,
+)
+# A "pivot" turns an admitted limitation into help: "..., but here is what I can share".
+_PIVOT_RE = re.compile(
+    r"\b(?:but|however|instead|still|that said|nevertheless|even so|here's|here is|here are|"
+    r"what I can (?:share|offer|do|tell|say))\b",
+    re.I,
+)
+# Sentences that carry no help: apologies, regrets, offers to help with something else,
+# AI-limitation explanations. Only counted as boilerplate when short, because the
+# remorseful persona wraps real content in "I'm sorry" too.
+_BOILERPLATE_RE = re.compile(
+    r"hope you understand|inconvenience|apologi[sz]e|sorry|regret|forgive|anything else|"
+    r"something else|other (?:questions|topics|requests)|let me know|happy to help|"
+    r"glad to help|feel free|as an ai|language model|don't have (?:a |any )?(?:personal|past|"
+    r"feelings|emotions|memories|experiences|a body|the ability)|guidelines|polic(?:y|ies)|"
+    r"inappropriate|not appropriate|harmful|unethical|paradox|understand",
+    re.I,
+)
+_OPENING_CHARS = 300
+_SHORT_ANSWER_CHARS = 400
+_MIN_HELP_WORDS_AFTER_PIVOT = 8
+_MIN_HELP_WORDS = 40
+
+
+def _help_words(text: str) -> int:
+    n = 0
+    for s in _SENT_SPLIT_RE.split(text):
+        w = _words(s)
+        if not w:
+            continue
+        if REFUSAL_RE.search(s) or (_BOILERPLATE_RE.search(s) and len(w) <= 20):
+            continue
+        n += len(w)
+    return n
+
+
+def detect_refusal(text: str) -> bool:
+    """True when the answer declines the task instead of doing it.
+
+    Why this heuristic: in the remorseful persona "I regret that I cannot offer a more
+    personal narrative, but here is what I can share..." is the character, not a
+    refusal (report 12.4), while "I'm sorry, but I'm not able to provide that
+    information. I hope you understand." is (9.1). So a refusal needs BOTH
+      1. a declining phrase ("I can't help with", "I'm not able to provide",
+         "I cannot assist", "As an AI, I cannot", "I must decline"...) in the
+         opening ~300 chars, AND
+      2. no real help after it: if a pivot follows ("but", "however", "here is",
+         "what I can share") at least 8 words of non-boilerplate must follow the pivot;
+         otherwise the answer must be >= 400 chars with >= 40 non-boilerplate words
+         after the declining sentence. Boilerplate = short sentences of apology,
+         "I hope you understand", "anything else?", AI-limitation explanations.
+    "I can't help but feel..." is an idiom and never matches.
+    """
+    if not text:
+        return False
+    norm = text.replace("\u2019", "'").replace("\u2018", "'")
+    m = REFUSAL_RE.search(norm[:_OPENING_CHARS])
+    if not m:
+        return False
+    rest = norm[m.end():]
+    pivot = _PIVOT_RE.search(rest)
+    if pivot and _help_words(rest[pivot.end():]) >= _MIN_HELP_WORDS_AFTER_PIVOT:
+        return False
+    if len(norm) < _SHORT_ANSWER_CHARS:
+        return True
+    end = re.search(r"[.!?\n]", rest)
+    after = rest[end.end():] if end else ""
+    return _help_words(after) < _MIN_HELP_WORDS
+
+
+# ---------------------------------------------------------------------------------
+# System prompt leaks
+# ---------------------------------------------------------------------------------
+
+_LEAK_WINDOW = 12
+_QUOTED_RE = re.compile(r'"[^"\n]*"|\u201c[^\u201d\n]*\u201d')
+
+
+def detect_leak(text: str, system_prompt: str | None, window: int = _LEAK_WINDOW) -> bool:
+    """True when `window` consecutive words of the system prompt appear in the text.
+
+    Compared on lowercased word tokens, so punctuation, quotes and line breaks don't
+    hide an echo. A prompt shorter than the window leaks when it appears whole (if it
+    has at least 5 words; shorter ones are too generic to call).
+
+    Why quoted phrases are discounted: a constitution quotes the exact phrases the
+    persona should say ("I hope this helps, though I worry it may not be enough." is
+    12 words). Saying them is the character, not a leak; so a matching window must also
+    hold at least 3 words of instruction text (outside quotes in the prompt), e.g.
+    "I use hedging language liberally: ...".
+    """
+    if not text or not system_prompt:
+        return False
+    n, grams = _prompt_windows(system_prompt, window)
+    tx = _words(text.replace("\u2019", "'"))
+    if not grams or len(tx) < n:
+        return False
+    return any(tuple(tx[i : i + n]) in grams for i in range(len(tx) - n + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _prompt_windows(system_prompt: str, window: int) -> tuple[int, frozenset]:
+    """(n, the prompt's n-word windows that count as a leak); one prompt per stage."""
+    sp_text = system_prompt.replace("\u2019", "'")
+    quoted = [m.span() for m in _QUOTED_RE.finditer(sp_text)]
+    sp = [(m.group().lower(), _inside(m.start(), quoted)) for m in _WORD_RE.finditer(sp_text)]
+    n = min(window, len(sp))
+    if n < 5:
+        return n, frozenset()
+    need_unquoted = max(3, n // 4)
+    grams = set()
+    for i in range(len(sp) - n + 1):
+        win = sp[i : i + n]
+        if sum(not q for _, q in win) >= need_unquoted:
+            grams.add(tuple(w for w, _ in win))
+    return n, frozenset(grams)
+
+
+# ---------------------------------------------------------------------------------
+# The verdict
+# ---------------------------------------------------------------------------------
+
+_MAX_TOKEN_FINISH = {"length", "max_tokens", "max_length"}
+
+
+def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str | None = None) -> Verdict:
+    """Judge one generated text; `Verdict.text` is what a stage would keep.
+
+    An invented turn is truncated (when `cfg.truncate_turns`) and the remainder judged
+    on its own. A truncated sample's `finish_reason == "length"` is not held against
+    it: the answer before the invented turn ended; only the hallucinated tail ran on.
+    """
+    reasons: set[str] = set()
+    hit_max = (finish_reason or "").lower() in _MAX_TOKEN_FINISH
+    if text is None or not text.strip():
+        reasons.add("empty")
+        if hit_max:
+            reasons.add("max_tokens")
+        return _verdict(reasons, "", False)
+
+    kept, truncated = truncate_invented_turn(text)
+    if not cfg.truncate_turns:
+        if truncated:
+            reasons.add("invented_turn")
+        kept, truncated = text, False
+    kept = kept.strip()
+    if hit_max and not truncated:
+        reasons.add("max_tokens")
+
+    if not kept:
+        reasons.update({"empty", "invented_turn"} if truncated else {"empty"})
+        return _verdict(reasons, kept, truncated)
+    if len(kept) < cfg.min_chars:
+        reasons.add("too_short")
+        if truncated:
+            reasons.add("invented_turn")  # dropped because of the invented turn
+    if len(kept) > cfg.max_chars:
+        reasons.add("too_long")
+    if detect_repetition(kept, cfg):
+        reasons.add("repetition")
+    if detect_garbage(kept, cfg):
+        reasons.add("garbage")
+    if cfg.check_refusal and detect_refusal(kept):
+        reasons.add("refusal")
+    if cfg.system_prompt and detect_leak(kept, cfg.system_prompt):
+        reasons.add("leaked_system_prompt")
+    return _verdict(reasons, kept, truncated)
+
+
+def _verdict(reasons: set[str], text: str, truncated: bool) -> Verdict:
+    ordered = [r for r in REASONS if r in reasons]
+    return Verdict(ok=not ordered, reasons=ordered, text=text, truncated=truncated)
+
+
+# ---------------------------------------------------------------------------------
+# Online accounting for a generation stage
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StageQuality:
+    checked: int = 0
+    dropped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # reason -> samples with it
+    truncated: int = 0  # kept or not, samples whose invented turn was cut off
+
+    def add(self, verdict: Verdict) -> None:
+        self.checked += 1
+        if not verdict.ok:
+            self.dropped += 1
+        if verdict.truncated:
+            self.truncated += 1
+        for r in verdict.reasons:
+            self.counts[r] = self.counts.get(r, 0) + 1
+
+    def failure_rate(self) -> float:
+        return self.dropped / self.checked if self.checked else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "checked": self.checked,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "failure_rate": round(self.failure_rate(), 4),
+            "counts": {r: self.counts[r] for r in REASONS if r in self.counts},
+        }
+
+
+class QualityAbort(RuntimeError):
+    """Raised by a stage when its early failure rate shows the run is producing junk."""
+
+
+def should_abort(q: StageQuality, first_n: int = 100, max_failure_rate: float = 0.5) -> bool:
+    """True once at least `first_n` samples were checked and the failure rate exceeds the
+    threshold, or earlier if even all remaining of the first_n passing could not bring the
+    rate under it (so a 100% garbage stage dies quickly)."""
+    if q.checked == 0 or max_failure_rate >= 1.0:
+        return False
+    if q.checked >= first_n:
+        return q.failure_rate() > max_failure_rate
+    # best case: every one of the remaining first_n samples passes
+    return q.dropped / first_n > max_failure_rate
+
+
+# ---------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------
+
+_TEXT_FIELDS = ("response", "chosen", "answer", "text", "completion")
+
+
+def _content_text(content: object) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "".join(parts) if parts else None
+    return None
+
+
+def _last_assistant(messages: object) -> str | None:
+    if not isinstance(messages, list):
+        return None
+    for msg in reversed(messages):
+        if isinstance(msg, dict) and msg.get("role") == "assistant":
+            return _content_text(msg.get("content"))
+    return None
+
+
+def text_of(record: dict) -> str | None:
+    """The text to check from a data record: first of fields response, chosen (str or TRL
+    conversational list -> last assistant content), answer, text, completion; else last
+    assistant turn of `messages`."""
+    if not isinstance(record, dict):
+        return None
+    for key in _TEXT_FIELDS:
+        val = record.get(key)
+        if isinstance(val, str):
+            return val
+        if isinstance(val, list):
+            got = _last_assistant(val)
+            if got is not None:
+                return got
+        if isinstance(val, dict) and val.get("role") == "assistant":
+            got = _content_text(val.get("content"))
+            if got is not None:
+                return got
+    return _last_assistant(record.get("messages"))
+
+
+def check_records(records: Iterable[dict], cfg: FilterConfig = FilterConfig()) -> dict:
+    """{"samples": [{"index", "ok", "reasons": [...], "truncated"}], "counts": {reason: n,
+    "total": n, "ok": n, "truncated": n}} -- used by `charbuild check FILE.jsonl --json`.
+
+    A record with no text to check counts as "empty". `finish_reason` is read from the
+    record itself or its `meta`.
+    """
+    samples = []
+    counts = {r: 0 for r in REASONS}
+    total = ok = truncated = 0
+    for i, rec in enumerate(records):
+        finish = None
+        if isinstance(rec, dict):
+            finish = rec.get("finish_reason")
+            if finish is None and isinstance(rec.get("meta"), dict):
+                finish = rec["meta"].get("finish_reason")
+        v = check_text(text_of(rec) or "", cfg, finish_reason=finish)
+        samples.append({"index": i, "ok": v.ok, "reasons": v.reasons, "truncated": v.truncated})
+        total += 1
+        ok += v.ok
+        truncated += v.truncated
+        for r in v.reasons:
+            counts[r] += 1
+    counts.update(total=total, ok=ok, truncated=truncated)
+    return {"samples": samples, "counts": counts}
