@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .specloader import SpecError
+    from .errors import SpecError
 
     try:
         return VERBS[args.cmd](args)

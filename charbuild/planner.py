@@ -16,10 +16,14 @@ from pathlib import Path
 
 import xxhash
 
+from typing import TYPE_CHECKING
+
 from .cache import Cache, write_json_atomic
-from .graph import Graph
-from .stages.base import Estimate, EstimateContext
-from .staleness import Reason, why_stale
+from .estimate import Estimate
+
+if TYPE_CHECKING:  # the null plan must not import pydantic or the stages
+    from .graph import Graph
+    from .stages.base import EstimateContext
 
 PLAN_MEMO_SCHEMA = 1
 
@@ -67,15 +71,18 @@ class Plan:
                           "est_gpu_hours": round(t.gpu_hours, 4)}}
 
 
-def estimate_context(loaded, cache: Cache) -> EstimateContext:
+def estimate_context(loaded, cache: Cache) -> "EstimateContext":
     from .constitution import load_constitution
     from .cost import Calibration, PriceTable, approx_tokens
+    from .stages.base import EstimateContext
 
     c = load_constitution(loaded.constitution_path)
     return EstimateContext(loaded, PriceTable.load(loaded.spec), Calibration.from_cache(cache), approx_tokens(c.system_prompt()))
 
 
-def make_plan(loaded, graph: Graph, cache: Cache, targets: list[str] | None = None) -> Plan:
+def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = None) -> Plan:
+    from .staleness import why_stale
+
     names = graph.upstream(targets) if targets else list(graph.nodes)
     ectx = estimate_context(loaded, cache)
     rows = []

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import SpecError
+
 try:  # the C loader is several times faster; fall back where libyaml is absent
     from yaml import CSafeLoader as _Loader
 except ImportError:  # pragma: no cover
@@ -28,21 +30,6 @@ class Loc:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}" if self.line else self.file
-
-
-class SpecError(Exception):
-    """A spec could not be loaded; `errors` has pydantic-shaped details with a `where`."""
-
-    def __init__(self, errors: list[dict]):
-        self.errors = errors
-        super().__init__(self.format())
-
-    def format(self) -> str:
-        lines = []
-        for e in self.errors:
-            field = ".".join(str(p) for p in e.get("loc", ())) or "(spec)"
-            lines.append(f"{e.get('where', '?')}: {field}: {e['msg']}")
-        return "\n".join(lines)
 
 
 def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") -> SpecError:

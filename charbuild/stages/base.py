@@ -12,25 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..estimate import Estimate  # noqa: F401  (re-exported for stages)
 from ..spec import LoadedSpec, key_view
-
-
-@dataclass
-class Estimate:
-    tokens_in: int = 0
-    tokens_out: int = 0
-    usd: float = 0.0
-    gpu_hours: float = 0.0
-    calls: int = 0
-    calibrated: bool = False  # from measured usage rather than the spec's expectations
-
-    def __add__(self, o: "Estimate") -> "Estimate":
-        return Estimate(self.tokens_in + o.tokens_in, self.tokens_out + o.tokens_out, self.usd + o.usd,
-                        self.gpu_hours + o.gpu_hours, self.calls + o.calls, self.calibrated and o.calibrated)
-
-    def to_dict(self) -> dict:
-        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "usd": round(self.usd, 4),
-                "gpu_hours": round(self.gpu_hours, 4), "calls": self.calls}
 
 
 @dataclass
