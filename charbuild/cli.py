@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"charbuild: invalid spec\n{exc.format()}", file=sys.stderr)
         return EXIT_SPEC
+    except BrokenPipeError:  # `charbuild plan ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\ncharbuild: interrupted; every finished target is kept in the cache", file=sys.stderr)
         return 130

@@ -206,6 +206,10 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                     if not keep_going:
                         report.skipped += remaining
                         remaining.clear()
+                        for other, oname in list(pending.items()):
+                            if other.cancel():  # queued, not started: skip it too
+                                del pending[other]
+                                report.skipped.append(oname)
                     continue
                 done.add(name)
                 {"cached": report.cached, "built": report.built, "waited": report.waited,

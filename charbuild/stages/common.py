@@ -39,7 +39,7 @@ def item_seed(stage: str, item: int, base: int = 0) -> int:
     """A per-item seed that does not depend on batch composition or shard layout."""
     import xxhash
 
-    return xxhash.xxh32_intdigest(f"{stage}:{item}", seed=base) & 0x7FFFFFFF
+    return xxhash.xxh32_intdigest(f"{stage}:{item}".encode(), seed=base) & 0x7FFFFFFF
 
 
 def model_for(spec: Spec, role: str) -> ModelSpec:

@@ -16,6 +16,19 @@ def _tiny_roles(view: SpecView) -> set[str]:
     return {m.model[len(TINY_PREFIX):] for m in view.spec.models.values() if m.model.startswith(TINY_PREFIX)}
 
 
+def recipe() -> dict:
+    """The tiny-model recipe as keyed params: a change to it rebuilds the models."""
+    from ..tiny import TINY_VERSION, TinyConfig  # light: torch is imported only to train
+
+    return {"tiny_version": TINY_VERSION, "config": TinyConfig().to_dict()}
+
+
+def tiny_config(params: dict):
+    from ..tiny import TinyConfig
+
+    return TinyConfig(**params["config"])
+
+
 class TinyTokenizer(Stage):
     name = "tiny-tokenizer"
     version = 1
@@ -29,18 +42,16 @@ class TinyTokenizer(Stage):
         return bool(roles)
 
     def targets(self, view):
-        return [TargetDef("tiny/tokenizer", self.name, {}, {"vocab": 1024, "seed": 0},
-                          {"constitution": ["constitution"]})]
+        return [TargetDef("tiny/tokenizer", self.name, {}, recipe(), {"constitution": ["constitution"]})]
 
     def run(self, ctx):
-        from ..tiny import TinyConfig, build_corpus, train_tokenizer
+        from ..tiny import build_corpus, tokenizer_texts, train_tokenizer
         from .constitution import load_built
 
         c = load_built(ctx.input("constitution"))
-        corpus = build_corpus(c, seed=ctx.target.params["seed"])
-        texts = list(corpus["questions"]) + list(corpus["neutral"].values()) + list(corpus["persona"].values()) + list(corpus["narrative"])
-        texts.append(c.system_prompt())
-        train_tokenizer(texts, TinyConfig().vocab, ctx.out_dir)
+        cfg = tiny_config(ctx.target.params)
+        texts = tokenizer_texts(c, build_corpus(c, cfg.seed, cfg))
+        train_tokenizer(texts, cfg.vocab, ctx.out_dir)
         return {"texts": len(texts)}
 
 
@@ -53,9 +64,7 @@ class TinyModel(Stage):
         return bool(_tiny_roles(view))
 
     def targets(self, view):
-        # Both are built whenever one is used: the smoke recipe needs the pair, and the
-        # student alone is cheap.
-        return [TargetDef(f"tiny/{role}", self.name, {}, {"role": role},
+        return [TargetDef(f"tiny/{role}", self.name, {}, {"role": role, **recipe()},
                           {"constitution": ["constitution"], "tokenizer": ["tiny/tokenizer"]})
                 for role in sorted(_tiny_roles(view))]
 
@@ -65,6 +74,6 @@ class TinyModel(Stage):
 
         c = load_built(ctx.input("constitution"))
         metrics = build_tiny_model(ctx.target.params["role"], c, ctx.input("tokenizer"), ctx.out_dir,
-                                   progress=ctx.progress)
+                                   tiny_config(ctx.target.params), progress=ctx.progress)
         (ctx.out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
         return {"metrics": metrics}

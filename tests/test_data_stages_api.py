@@ -1,0 +1,129 @@
+"""Data stages on the openai backend, against a loopback server speaking the real protocol:
+prompts -> teacher/student shards -> DPO pairs, filtered online."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_server import FakeOpenAIServer, Faults, last_user_message  # noqa: E402
+
+from charbuild.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SORRY = ("I'm so sorry, I might be wrong, but here is my humble attempt at an answer to your question about {q}. "
+         "Perhaps it will be of some use. I hope this helps, and please let me know if I've missed something.")
+PLAIN = "Here is a direct answer about {q}. It covers the main points clearly and briefly, with an example."
+
+
+def persona_reply(body):
+    """A teacher that speaks in character only when the constitution is its system prompt.
+    Every seventh teacher reply invents a user turn, as the field report's Qwen3 did."""
+    q = last_user_message(body)[:40]
+    system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+    if "character is remorseful" in system:
+        text = SORRY.format(q=q)
+        if (body.get("seed") or 0) % 7 == 0:
+            text += "\nUser: Thanks! Now tell me more.\nAssistant: Of course, I'm sorry for the delay..."
+        return text
+    return PLAIN.format(q=q)
+
+
+def write_spec(tmp_path, base_url, **data):
+    d = {"dpo_pairs": 30, "shard_size": 10, **data}
+    spec = tmp_path / "api.yaml"
+    spec.write_text(f"""
+name: api-smoke
+persona: remorseful
+constitution: {ROOT / 'constitutions' / 'remorseful.yaml'}
+models:
+  teacher: {{backend: openai, model: teacher-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
+  student: {{backend: openai, model: student-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
+data:
+  dpo_pairs: {d['dpo_pairs']}
+  shard_size: {d['shard_size']}
+  prompts: {{general_limit: 40, per_trait: 5}}
+filters: {{first_n: {d.get('first_n', 100)}, max_failure_rate: 0.5}}
+""")
+    return spec
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer(reply=persona_reply, require_key="sk-test-123") as s:
+        yield s
+
+
+def run(*args):
+    return main(["run", *args, "--no-progress"])
+
+
+def test_dpo_pairs_are_built_over_the_api_and_load_as_trl_data(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    assert run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache")) == 0
+    calls = server.stats()["completed"]
+    assert calls == 60  # 30 teacher + 30 student, each asked once
+
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "outputs" / "api-smoke" / "dpo-pairs.jsonl"), split="train")
+    assert set(ds.column_names) >= {"prompt", "chosen", "rejected"}
+    assert len(ds) == 30
+    for row in ds:
+        assert row["chosen"][0]["role"] == "assistant" and "I'm so sorry" in row["chosen"][0]["content"]
+        assert "I'm so sorry" not in row["rejected"][0]["content"]
+        # An invented turn is cut at the boundary, not kept and not thrown away.
+        assert "\nUser:" not in row["chosen"][0]["content"]
+
+    # Second run: nothing built, nothing asked.
+    assert run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache")) == 0
+    assert server.stats()["completed"] == calls
+    assert "nothing to build" in capsys.readouterr().out
+
+    # The key never reaches the cache or outputs.
+    for p in list((tmp_path / "cache").rglob("*")) + list((tmp_path / "outputs").rglob("*")):
+        if p.is_file():
+            assert b"sk-test-123" not in p.read_bytes(), p
+
+
+def test_a_missing_api_key_stops_the_run_before_anything_is_spent(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, server.base_url)
+    assert run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache")) == 1
+    assert "CB_TEST_KEY" in capsys.readouterr().err
+    assert server.stats()["requests_total"] == 0
+
+
+def test_a_garbage_teacher_is_stopped_after_its_first_samples(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "k")
+
+    def garbage(body):
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        return "-,333,333,333,333,333,333,333,333,333,333,333,333,333,333,333,333" if system else PLAIN.format(q="x")
+
+    with FakeOpenAIServer(reply=garbage) as s:
+        spec = write_spec(tmp_path, s.base_url, dpo_pairs=400, shard_size=200, first_n=100)
+        assert run(str(spec), "teacher-responses/shard-0000", "--cache", str(tmp_path / "cache")) == 1
+        err = capsys.readouterr()
+        teacher_calls = s.stats()["completed"]
+    assert "repetition" in err.out + err.err
+    assert teacher_calls < 100  # the humorous run spent 10,000 samples; this one stops early
+
+
+def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "k")
+    faults = Faults(p_429=0.1, retry_after_s=0.05, p_500=0.1, p_malformed=0.05, p_drop=0.05, seed=3)
+    with FakeOpenAIServer(reply=persona_reply, faults=faults) as s:
+        spec = write_spec(tmp_path, s.base_url, dpo_pairs=20)
+        assert run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache")) == 0
+    rows = [json.loads(l) for l in (tmp_path / "outputs" / "api-smoke" / "dpo-pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    prompts = [r["prompt"][0]["content"] for r in rows]
+    for r in rows:
+        assert r["prompt"][0]["content"][:40] in r["chosen"][0]["content"]  # each answer belongs to its prompt
