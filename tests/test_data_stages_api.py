@@ -127,3 +127,41 @@ def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatc
     prompts = [r["prompt"][0]["content"] for r in rows]
     for r in rows:
         assert r["prompt"][0]["content"][:40] in r["chosen"][0]["content"]  # each answer belongs to its prompt
+
+
+def plan_json(*args):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["plan", *args, "--json"]) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    cache = str(tmp_path / "cache")
+    before = {t["name"]: t for t in plan_json(str(spec), "--cache", cache, "--set", "data.dpo_pairs=40")["targets"]}
+    assert run(str(spec), "dpo-pairs", "--cache", cache) == 0
+    after = {t["name"]: t for t in plan_json(str(spec), "--cache", cache, "--set", "data.dpo_pairs=40")["targets"]}
+    new = after["teacher-responses/shard-0003"]
+    assert new["state"] == "build" and new["calibrated"] and not before["teacher-responses/shard-0003"]["calibrated"]
+    assert after["teacher-responses/shard-0000"]["state"] == "cached"
+    # The fake server's replies are ~45 words, far below the spec's expected 400 tokens.
+    assert new["est_tokens"]["out"] < before["teacher-responses/shard-0003"]["est_tokens"]["out"] / 3
+
+
+def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    # The plan expects tiny answers (under budget); the real ones cost more.
+    sets = ["--set", "prices.teacher-model={input: 1000, output: 1000}", "--set", "budget.max_usd=1.5",
+            "--set", "expect.response_tokens=1", "--set", "expect.prompt_tokens=1"]
+    code = run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache"), *sets)
+    assert code == 1
+    assert "over budget.max_usd" in capsys.readouterr().err
+    assert server.stats()["completed"] < 60
