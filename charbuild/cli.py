@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true", help="build what does not depend on a failed target")
     p.add_argument("--jobs", type=int, default=1, help="targets built at once (API-bound shards)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force-gate", action="append", default=[], metavar="NAME",
+                   help="go on past this failed gate, knowingly (repeatable)")
     p = sub.add_parser("explain", help="why a target is (not) stale")
     _common(p, targets=False)
     p.add_argument("target")
@@ -133,7 +135,8 @@ def cmd_run(args) -> int:
     else:
         print(render_table(plan))
     try:
-        report = run_build(loaded, graph, plan, cache, LocalExecutor(args.jobs), args.keep_going, not args.no_progress)
+        report = run_build(loaded, graph, plan, cache, LocalExecutor(args.jobs), args.keep_going, not args.no_progress,
+                           force_gates=tuple(args.force_gate))
     except BuildError as exc:
         print(f"charbuild: {exc}", file=sys.stderr)
         return EXIT_BUILD

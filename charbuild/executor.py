@@ -105,7 +105,7 @@ def library_versions() -> dict:
 
 
 def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: Spend, progress: bool,
-              log: Callable[[str], None]) -> str:
+              log: Callable[[str], None], force_gates: tuple[str, ...] = ()) -> str:
     """Build one target if needed; returns cached | built | waited | rebuilt-corrupt."""
     state = "built"
     if cache.has(node.key):
@@ -127,8 +127,10 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
         t0 = time.time()
         before = spend.snapshot()
         with cache.staging(node.key) as out_dir:
-            ctx = BuildContext(node.defn, node.key, loaded, out_dir, inputs, backends, spend, progress)
+            ctx = BuildContext(node.defn, node.key, loaded, out_dir, inputs, backends, spend, progress, force_gates)
             result = node.stage.run(ctx) or {}
+            if result.get("warning"):
+                log(f"! {node.name}: {result['warning']}")
             after = spend.snapshot()
             usage = {k: after[k] - before[k] for k in after}
             manifest = {
@@ -140,6 +142,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
             }
             cache.commit(node.key, out_dir, manifest)
         cache.record_build(loaded.spec.name, node.name, build_record(node))
+        cache.index.delete(("failed", node.key))
         _calibrate(cache, node, loaded, usage)
     return state
 
@@ -155,7 +158,7 @@ def _calibrate(cache: Cache, node: Node, loaded, usage: dict) -> None:
 
 def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor | None = None,
               keep_going: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-              outputs_root: Path | None = Path("outputs")) -> BuildReport:
+              outputs_root: Path | None = Path("outputs"), force_gates: tuple[str, ...] = ()) -> BuildReport:
     from .backends.pool import BackendPool, missing_keys
     from .cost import PriceTable
 
@@ -182,14 +185,15 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     try:
         while remaining or pending:
             for name in list(remaining):
-                deps = {i for ins in graph[name].defn.inputs.values() for i in ins}
+                deps = {i for ins in graph[name].defn.inputs.values() for i in ins} | set(graph[name].defn.after)
                 if deps & failed:
                     remaining.remove(name)
                     failed.add(name)
                     report.skipped.append(name)
                 elif deps <= done:
                     remaining.remove(name)
-                    pending[executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log)] = name
+                    pending[executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log,
+                                                   tuple(force_gates))] = name
             if not pending:
                 break
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -201,6 +205,8 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                     raise
                 except Exception as exc:  # a failed target stops its dependents, not the report
                     report.failed[name] = f"{type(exc).__name__}: {exc}"
+                    # Remembered so `plan` shows it until the target builds.
+                    cache.index.set(("failed", graph[name].key), {"error": report.failed[name][:2000], "time": time.time()})
                     failed.add(name)
                     log(f"✗ {name}: {type(exc).__name__}: {exc}")
                     if not keep_going:

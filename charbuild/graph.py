@@ -56,7 +56,7 @@ class Graph:
             if n in want:
                 continue
             want.add(n)
-            stack += [i for ins in self[n].defn.inputs.values() for i in ins]
+            stack += [i for ins in self[n].defn.inputs.values() for i in ins] + self[n].defn.after
         return [n for n in self.nodes if n in want]
 
     def downstream(self, name: str) -> list[str]:
@@ -87,13 +87,22 @@ def build_graph(loaded: LoadedSpec, stages: list[Stage] | None = None) -> Graph:
         if t.name in defs:
             raise GraphError(f"two stages define target {t.name!r} ({defs[t.name][1].name}, {stage.name})")
         defs[t.name] = (t, stage)
+    # Gates sit on edges: whatever consumes a gated target waits for the gate, without the
+    # gate entering its key (a new threshold must not retrain an adapter).
+    for name, (t, stage) in defs.items():
+        for checked in getattr(stage, "gates_target", lambda d: None)(t) or []:
+            for other, (o, ostage) in defs.items():
+                if hasattr(ostage, "gates_target"):
+                    continue  # gates on the same target run side by side
+                if any(checked in ins for ins in o.inputs.values()):
+                    o.after.append(name)
     deps = {}
     for name, (t, _) in defs.items():
         for slot, ins in t.inputs.items():
             for i in ins:
                 if i not in defs:
                     raise GraphError(f"target {name!r} needs {i!r} (slot {slot}), which no stage defines")
-        deps[name] = {i for ins in t.inputs.values() for i in ins}
+        deps[name] = {i for ins in t.inputs.values() for i in ins} | set(t.after)
     try:
         order = list(TopologicalSorter(deps).static_order())
     except CycleError as exc:

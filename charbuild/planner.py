@@ -91,8 +91,11 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
         if cache.has(node.key):
             rows.append(PlanRow(name, node.key, node.stage.name, "cached", "cached"))
             continue
-        reason = why_stale(node, cache.last_build(loaded.spec.name, name))
-        rows.append(PlanRow(name, node.key, node.stage.name, "build", str(reason), node.stage.estimate(node.defn, ectx)))
+        reason = str(why_stale(node, cache.last_build(loaded.spec.name, name)))
+        failed = cache.index.get(("failed", node.key))
+        if failed:
+            reason = f"FAILED last run: {failed['error'].splitlines()[0][:120]}"
+        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, node.stage.estimate(node.defn, ectx)))
     return Plan(loaded.spec.name, loaded.spec.run_name, rows)
 
 

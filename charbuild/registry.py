@@ -8,6 +8,7 @@ from .stages.base import Stage
 
 def builtin_stages() -> list[Stage]:
     from .stages.constitution import ConstitutionStage
+    from .stages.gate import GateStage
     from .stages.introspection import Interactions, Reflections, SftData
     from .stages.pairs import DpoPairs, DpoPairsShard
     from .stages.prompts import PromptsStage
@@ -16,7 +17,7 @@ def builtin_stages() -> list[Stage]:
     from .stages.training import DpoAdapter, SftAdapter
 
     return [ConstitutionStage(), TinyTokenizer(), TinyModel(), PromptsStage(), TeacherResponses(), StudentResponses(),
-            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter()]
+            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage()]
 
 
 def plugin_stages() -> list[Stage]:

@@ -152,11 +152,21 @@ class TrainingSpec(_Model):
 
 
 class GateSpec(_Model):
-    check: str = Field(description="gate kind, e.g. marker_rate, differ, refusal_rate, loss_finite")
-    target: str = Field(description="target the gate checks, e.g. dpo-pairs")
-    threshold: Optional[float] = None
-    severity: Literal["error", "warn"] = "error"
+    check: str = Field(description="marker_rate, differ, refusal_rate, invented_turn_rate, repetition_rate, garbage_rate, length_rate")
+    target: str = Field(description="the target the gate checks: dpo-pairs or sft-data")
+    threshold: float = Field(description="marker_rate/differ: minimum; *_rate: maximum")
+    severity: Literal["error", "warn"] = NoKey("error", description="error stops the build, warn reports and goes on")
+    enabled: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("check")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .gates import CHECKS
+
+        if v not in CHECKS:
+            raise ValueError(f"unknown check {v!r} (known: {', '.join(CHECKS)})")
+        return v
 
 
 class EvalSpec(_Model):
@@ -183,12 +193,25 @@ class Spec(_Model):
     filters: FilterSpec = Field(default_factory=FilterSpec)
     introspection: IntrospectionSpec = Field(default_factory=IntrospectionSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    gates: dict[str, GateSpec] = Field(default_factory=dict, description="validation gates (defaults: gates.default_gates)")
     evals: EvalSpec = Field(default_factory=EvalSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     expect: Expect = Field(default_factory=Expect)
     prices: dict[str, Price] = NoKey(default_factory=dict)
     description: str = NoKey("")
+
+    @field_validator("gates", mode="before")
+    @classmethod
+    def _default_gates(cls, v: Any) -> Any:
+        """The default gates are always there; a spec overrides them by name (or disables one)."""
+        from .gates import default_gates
+
+        if not isinstance(v, dict):
+            return v
+        merged = default_gates()
+        for name, g in v.items():
+            merged[name] = {**merged.get(name, {}), **g} if isinstance(g, dict) else g
+        return merged
 
     @field_validator("models")
     @classmethod

@@ -24,6 +24,7 @@ class TargetDef:
     params: dict[str, Any] = field(default_factory=dict)  # derived, keyed (shard range...)
     inputs: dict[str, list[str]] = field(default_factory=dict)  # slot -> target names
     shard: tuple[int, int] | None = None  # (start, count) of the items this target covers
+    after: list[str] = field(default_factory=list)  # ordering only (gates): never part of the key
 
 
 class SpecView:
