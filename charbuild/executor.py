@@ -105,7 +105,7 @@ def library_versions() -> dict:
 
 
 def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: Spend, progress: bool,
-              log: Callable[[str], None], force_gates: tuple[str, ...] = ()) -> str:
+              log: Callable[[str], None], force_gates: tuple[str, ...] = (), estimate: dict | None = None) -> str:
     """Build one target if needed; returns cached | built | waited | rebuilt-corrupt."""
     state = "built"
     if cache.has(node.key):
@@ -137,7 +137,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
                 "target": node.name, "stage": node.stage.name, "stage_version": node.stage.version,
                 "spec": loaded.spec.name, "fields": node.defn.fields, "params": node.defn.params,
                 "inputs": {slot: [{"target": n, "key": graph[n].key} for n in names] for slot, names in node.defn.inputs.items()},
-                "result": result, "usage": usage, "seconds": round(time.time() - t0, 3),
+                "result": result, "usage": usage, "estimate": estimate or {}, "seconds": round(time.time() - t0, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "versions": library_versions(),
             }
             cache.commit(node.key, out_dir, manifest)
@@ -178,6 +178,7 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     backends = BackendPool()
     own = executor is None
     executor = executor or LocalExecutor(1)
+    estimates = {r.name: r.estimate.to_dict() for r in plan.rows}
     done: set[str] = set()
     failed: set[str] = set()
     pending: dict[cf.Future, str] = {}
@@ -193,7 +194,7 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                 elif deps <= done:
                     remaining.remove(name)
                     pending[executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log,
-                                                   tuple(force_gates))] = name
+                                                   tuple(force_gates), estimates.get(name))] = name
             if not pending:
                 break
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -235,7 +236,8 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     return report
 
 
-FINAL = {"dpo-pairs": "dpo_pairs.jsonl", "sft-data": "sft_data.jsonl", "dpo-adapter": "adapter", "sft-adapter": "adapter"}
+FINAL = {"dpo-pairs": "dpo_pairs.jsonl", "sft-data": "sft_data.jsonl", "dpo-adapter": "adapter", "sft-adapter": "adapter",
+         "report": "."}
 
 
 def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: Path = Path("outputs")) -> Path:
@@ -246,7 +248,11 @@ def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: 
         if name in names and name in graph.nodes:
             src = cache.path(graph[name].key) / rel
             dst = out / f"{name}{'' if src.is_dir() else Path(rel).suffix}"
-            if src.is_dir():
+            if rel == ".":  # the report's files go to the top of outputs/<run>/
+                for f in src.iterdir():
+                    if f.is_file() and f.name != "MANIFEST.json":
+                        shutil.copy2(f, out / f.name)
+            elif src.is_dir():
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(src, dst)
             elif src.exists():

@@ -87,6 +87,9 @@ def build_graph(loaded: LoadedSpec, stages: list[Stage] | None = None) -> Graph:
         if t.name in defs:
             raise GraphError(f"two stages define target {t.name!r} ({defs[t.name][1].name}, {stage.name})")
         defs[t.name] = (t, stage)
+    for name, (t, stage) in defs.items():
+        if getattr(stage, "wants_all_targets", lambda: False)():  # the report reads every manifest
+            t.inputs["all"] = [n for n, (_, st) in defs.items() if n != name and not hasattr(st, "wants_all_targets")]
     # Gates sit on edges: whatever consumes a gated target waits for the gate, without the
     # gate entering its key (a new threshold must not retrain an adapter).
     for name, (t, stage) in defs.items():

@@ -8,7 +8,9 @@ from .stages.base import Stage
 
 def builtin_stages() -> list[Stage]:
     from .stages.constitution import ConstitutionStage
+    from .stages.evals import EvalElo, EvalMarkers, EvalSamples
     from .stages.gate import GateStage
+    from .stages.report_stage import ReportStage
     from .stages.introspection import Interactions, Reflections, SftData
     from .stages.pairs import DpoPairs, DpoPairsShard
     from .stages.prompts import PromptsStage
@@ -17,7 +19,8 @@ def builtin_stages() -> list[Stage]:
     from .stages.training import DpoAdapter, SftAdapter
 
     return [ConstitutionStage(), TinyTokenizer(), TinyModel(), PromptsStage(), TeacherResponses(), StudentResponses(),
-            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage()]
+            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage(),
+            EvalSamples(), EvalMarkers(), EvalElo(), ReportStage()]
 
 
 def plugin_stages() -> list[Stage]:

@@ -170,10 +170,13 @@ class GateSpec(_Model):
 
 
 class EvalSpec(_Model):
-    prompts: str = "builtin:eval-prompts"
+    enabled: bool = True
+    prompts: str = Field("builtin:eval-prompts", description="held-out prompts (JSONL path or builtin:NAME)")
+    prompts_limit: Optional[int] = Field(None, ge=1)
     samples_per_prompt: int = Field(3, ge=1)
+    variants: list[Literal["base", "dpo", "sft"]] = Field(default_factory=lambda: ["base", "dpo", "sft"])
     bootstrap: int = Field(200, ge=1)
-    markers: bool = True
+    judge: str = Field("markers", description="a model role that judges pairs, or 'markers' (rule-based: more marker phrases wins)")
     elo: bool = True
     preferences: bool = False
     max_tokens: int = Field(512, ge=1)
@@ -220,6 +223,12 @@ class Spec(_Model):
         if missing:
             raise ValueError(f"models needs roles {sorted(missing)} (teacher answers with the constitution, student without)")
         return v
+
+    @model_validator(mode="after")
+    def _judge_known(self) -> "Spec":
+        if self.evals.judge != "markers" and self.evals.judge not in self.models:
+            raise ValueError(f"evals.judge {self.evals.judge!r} is neither 'markers' nor a role in models ({sorted(self.models)})")
+        return self
 
     @model_validator(mode="after")
     def _generator_known(self) -> "Spec":

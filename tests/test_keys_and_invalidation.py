@@ -75,14 +75,26 @@ def test_changing_sft_settings_rebuilds_only_the_sft_adapter(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
     after = keys(p, ["training.sft.lr=1e-4"])
-    assert changed(before, after) == ["sft-adapter"]
+    # The SFT adapter and what evaluates it; no data, no DPO adapter.
+    assert changed(before, after) == ["eval/elo", "eval/markers", "eval/samples/sft", "report", "sft-adapter"]
 
 
-def test_changing_eval_settings_rebuilds_no_data_or_adapter(specs):
+def test_changing_eval_settings_rebuilds_only_evals(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
-    after = keys(p, ["evals.samples_per_prompt=5", "evals.bootstrap=500"])
-    assert {n: k for n, k in after.items() if n in before} == before
+    after = keys(p, ["evals.samples_per_prompt=5"])
+    assert changed(before, after) == ["eval/elo", "eval/markers", "eval/samples/base", "eval/samples/dpo",
+                                      "eval/samples/sft", "report"]
+    # The bootstrap count is read by the Elo fit alone: the samples stay.
+    after = keys(p, ["evals.bootstrap=500"])
+    assert changed(before, after) == ["eval/elo", "report"]
+
+
+def test_changing_a_gate_threshold_reruns_the_gate_not_the_training(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    after = keys(p, ["gates.dpo-markers.threshold=0.9"])
+    assert changed(before, after) == ["gate/dpo-markers", "report"]
 
 
 def test_raising_scale_keeps_every_full_shard(specs):

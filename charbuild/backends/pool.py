@@ -16,12 +16,14 @@ class BackendPool:
         m: ModelSpec = ctx.spec.models[role]
         model_slot = f"model:{role}"
         path = str(ctx.input(model_slot)) if model_slot in ctx.inputs else m.model
-        adapter = None
-        if "adapter" in ctx.inputs and role == "student":
-            adapter = str(ctx.input("adapter") / "adapter")
-        k = (m.backend, path, adapter, m.base_url)
+        adapter, merged = None, ()
+        if role == "student":  # adapters are trained on the student only
+            if "adapter" in ctx.inputs:
+                adapter = str(ctx.input("adapter") / "adapter")
+            merged = tuple(str(p / "adapter") for p in ctx.inputs.get("merge", []))
+        k = (m.backend, path, adapter, merged, m.base_url)
         if k not in self._backends:
-            self._backends[k] = make_backend(m, path, adapter)
+            self._backends[k] = make_backend(m, path, adapter, merged)
         return self._backends[k]
 
     def close(self) -> None:
@@ -30,21 +32,24 @@ class BackendPool:
         self._backends.clear()
 
 
-def make_backend(m: ModelSpec, path: str, adapter: str | None) -> Backend:
+def make_backend(m: ModelSpec, path: str, adapter: str | None, merged: tuple[str, ...] = ()) -> Backend:
     if m.backend == "openai":
         from .openai_backend import OpenAIBackend, OpenAIConfig
 
-        if adapter:
+        if adapter or merged:
             raise BackendError("the openai backend cannot apply a local LoRA adapter; serve it (vllm serve --lora-modules) instead")
         return OpenAIBackend(OpenAIConfig(model=m.model, base_url=m.base_url, api_key_env=m.api_key_env,
                                           concurrency=m.concurrency))
     if m.backend == "transformers":
         from .transformers_backend import TransformersBackend, TransformersConfig
 
-        return TransformersBackend(TransformersConfig(model=path, adapter=adapter, batch_size=m.batch_size))
+        return TransformersBackend(TransformersConfig(model=path, adapter=adapter, merged_adapters=merged,
+                                                      batch_size=m.batch_size))
     if m.backend == "vllm":
         from .vllm_backend import VllmBackend
 
+        if merged:
+            raise BackendError("vllm serves one LoRA per request: fold the DPO adapter first (training.dpo.merge: true)")
         return VllmBackend(path, adapter=adapter)
     raise BackendError(f"unknown backend {m.backend!r}")
 

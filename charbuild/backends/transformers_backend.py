@@ -40,6 +40,8 @@ from .base import BackendError, GenRequest, GenResult, Progress
 class TransformersConfig:
     model: str  # local path (or HF id already in the local cache: never downloads)
     adapter: str | None = None  # PEFT LoRA dir, applied with PeftModel.from_pretrained
+    # Adapters folded into the base first, in order (SFT trains on the DPO-merged model).
+    merged_adapters: tuple[str, ...] = ()
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it (else float16), float32 on CPU
     batch_size: int = 16
@@ -92,12 +94,15 @@ class TransformersBackend:
             model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise BackendError(f"transformers backend: cannot load model {cfg.model!r} locally: {exc}") from exc
-        if cfg.adapter:
+        if cfg.adapter or cfg.merged_adapters:
             try:
                 from peft import PeftModel
             except ImportError as exc:  # pragma: no cover
                 raise BackendError("a LoRA adapter needs peft installed") from exc
-            model = PeftModel.from_pretrained(model, cfg.adapter, local_files_only=True)
+            for merged in cfg.merged_adapters:
+                model = PeftModel.from_pretrained(model, merged, local_files_only=True).merge_and_unload()
+            if cfg.adapter:
+                model = PeftModel.from_pretrained(model, cfg.adapter, local_files_only=True)
         if not tok.chat_template:
             raise BackendError(f"the tokenizer of {cfg.model!r} has no chat_template")
         model.to(dev).eval()

@@ -16,8 +16,9 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+(.+?)\s*$")
 
 
-def resolve_pool(view: SpecView, ref: str) -> tuple[str, dict]:
-    """(kind, keyed identity) of a prompt pool reference."""
+def resolve_pool(view: SpecView, ref: str, loc: tuple = ("data", "prompts", "general")) -> tuple[str, dict]:
+    """(kind, keyed identity) of a prompt pool reference; a relative path is relative to
+    the spec file that set the field at `loc`."""
     if ref.startswith("builtin:"):
         p = DATA_DIR / f"{ref[len('builtin:'):]}.jsonl"
         if not p.is_file():
@@ -25,7 +26,7 @@ def resolve_pool(view: SpecView, ref: str) -> tuple[str, dict]:
         return "file", {"path": str(p), "digest": file_digest(p)}
     if ref.startswith("hf:"):
         return "hf", {"dataset": ref[3:]}
-    origin = view.loaded.where(("data", "prompts", "general"))
+    origin = view.loaded.where(loc)
     base = Path(origin.file).parent if origin and origin.line else Path.cwd()
     p = (base / ref).resolve()
     if not p.is_file():

@@ -1,0 +1,91 @@
+"""The engine's overhead over calling the transformers backend directly, same prompts.
+
+Both sides load the tiny teacher and answer the same requests (same messages, seeds and
+sampling); the engine side also plans, keys, filters, writes and digests the shards.
+Goal: overhead <= 3%. Runs are interleaved and the medians compared.
+
+    python benchmarks/bench_engine_overhead.py [--pairs 64] [--runs 3] [--cache cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache", default=str(ROOT / "cache"))
+    args = ap.parse_args()
+
+    from charbuild.backends.transformers_backend import TransformersBackend, TransformersConfig
+    from charbuild.cache import Cache
+    from charbuild.constitution import load_constitution
+    from charbuild.executor import run_build
+    from charbuild.graph import build_graph
+    from charbuild.planner import make_plan
+    from charbuild.spec import load_spec
+    from charbuild.stages.common import item_seed, read_jsonl
+    from charbuild.stages.generate import request
+
+    spec_path = ROOT / "specs" / "smoke-small.yaml"
+    cache = Cache(args.cache)
+    sets = [f"data.dpo_pairs={args.pairs}", f"data.shard_size={args.pairs}"]
+    loaded = load_spec(spec_path, sets)
+    graph = build_graph(loaded)
+    # The models and prompts are built once (cached) and are not what is measured.
+    run_build(loaded, graph, make_plan(loaded, graph, cache, ["prompts", "tiny/teacher"]), cache, progress=False,
+              log=lambda s: None, outputs_root=None)
+    model_dir = cache.path(graph["tiny/teacher"].key)
+    prompts = list(read_jsonl(cache.path(graph["prompts"].key) / "prompts.jsonl"))
+    c = load_constitution(loaded.constitution_path)
+    m = loaded.spec.models["teacher"]
+
+    def direct() -> float:
+        t0 = time.perf_counter()
+        backend = TransformersBackend(TransformersConfig(model=str(model_dir), batch_size=m.batch_size))
+        reqs = [request(m, [{"role": "system", "content": c.system_prompt()},
+                            {"role": "user", "content": prompts[j % len(prompts)]["prompt"]}],
+                        item_seed("teacher-responses", j)) for j in range(args.pairs)]
+        for start in range(0, len(reqs), 32):  # the engine's chunking, so batches match
+            backend.generate(reqs[start:start + 32])
+        backend.close()
+        return time.perf_counter() - t0
+
+    def engine(i: int) -> float:
+        # A filter setting that cannot change any answer gives fresh keys for each run.
+        ld = load_spec(spec_path, sets + [f"filters.max_chars={20000 + i}"])
+        t0 = time.perf_counter()
+        g = build_graph(ld)
+        plan = make_plan(ld, g, cache, ["teacher-responses/shard-0000"])
+        assert [r.name for r in plan.to_build] == ["teacher-responses/shard-0000"], plan.to_build
+        run_build(ld, g, plan, cache, progress=False, log=lambda s: None, outputs_root=None)
+        return time.perf_counter() - t0
+
+    direct()  # warm-up: first load pays for imports and page cache
+    d_times, e_times = [], []
+    for i in range(args.runs):
+        d_times.append(direct())
+        e_times.append(engine(int(time.time()) * 10 + i))
+    d, e = statistics.median(d_times), statistics.median(e_times)
+    result = {"pairs": args.pairs, "runs": args.runs, "direct_s": d, "engine_s": e, "overhead": e / d - 1,
+              "goal": 0.03, "direct_all": d_times, "engine_all": e_times}
+    print(f"direct backend   {d:.2f} s (median of {args.runs})")
+    print(f"through engine   {e:.2f} s")
+    print(f"overhead         {100 * result['overhead']:+.1f}% (goal <= 3%)")
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_overhead.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
