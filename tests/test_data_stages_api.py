@@ -165,3 +165,38 @@ def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, 
     assert code == 1
     assert "over budget.max_usd" in capsys.readouterr().err
     assert server.stats()["completed"] < 60
+
+
+def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "k")
+
+    def lister(body):
+        seed = body.get("seed") or 0
+        qs = ["Could you plan a birthday party for my sister?", "Could you plan a birthday party for my sister?",
+              "Which hiking trails suit two complete beginners?", "My flat's budget spreadsheet keeps breaking, why?",
+              "Explain recursion like I'm twelve.", "Balcony gardens: what grows in shade?"]
+        lines = [f"{i}. {q}" for i, q in enumerate(qs, start=6 + seed)]
+        lines.insert(2, "not a numbered line")
+        lines.append("12. A line without the right ending")
+        return "\n".join(lines)
+
+    with FakeOpenAIServer(reply=lister) as s:
+        spec = write_spec(tmp_path, s.base_url)
+        cache = str(tmp_path / "cache")
+        assert run(str(spec), "prompts", "--cache", cache, "--set", "data.prompts.per_trait=9") == 0
+    from charbuild.cache import Cache
+    from charbuild.graph import build_graph
+    from charbuild.spec import load_spec
+
+    g = build_graph(load_spec(spec, ["data.prompts.per_trait=9"]))
+    rows = [json.loads(l) for l in (Cache(cache).path(g["prompts"].key) / "prompts.jsonl").read_text().splitlines()]
+    per_trait = {}
+    for r in rows:
+        if r["source"] == "constitution":
+            per_trait.setdefault(r["trait"], []).append(r["prompt"])
+    assert len(per_trait) == 10 and all(len(qs) == 9 for qs in per_trait.values())
+    for qs in per_trait.values():
+        assert len(set(qs)) == len(qs)  # the duplicate line was dropped
+        assert not any("without the right ending" in q or "not a numbered" in q for q in qs)
+    assert sum(r["source"] == "general" for r in rows) == 40
