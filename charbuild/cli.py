@@ -52,6 +52,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+")
     p.add_argument("--cache", default=None)
     p.add_argument("--yes", action="store_true")
+    p = sub.add_parser("sample", help="sample replies from a built model")
+    _common(p, targets=False)
+    p.add_argument("prompt")
+    p.add_argument("--target", default="sft-adapter", help="sft-adapter (default), dpo-adapter or base")
+    p.add_argument("--system", action="store_true", help="with the constitution as system prompt")
+    p.add_argument("-n", type=int, default=1, help="how many samples")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("chat", help="talk to a built model")
+    _common(p, targets=False)
+    p.add_argument("--target", default="sft-adapter")
+    p.add_argument("--system", action="store_true")
     p = sub.add_parser("check", help="run the quality filters on a JSONL file")
     p.add_argument("file")
     p.add_argument("--spec", default=None, help="take filter settings and the constitution from this spec")
@@ -126,6 +137,7 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from .executor import BuildError, LocalExecutor, run_build
+    from .governor import BudgetExceeded as CallBudgetExceeded
     from .planner import render_table
 
     cache = _cache(args)
@@ -137,7 +149,7 @@ def cmd_run(args) -> int:
     try:
         report = run_build(loaded, graph, plan, cache, LocalExecutor(args.jobs), args.keep_going, not args.no_progress,
                            force_gates=tuple(args.force_gate))
-    except BuildError as exc:
+    except (BuildError, CallBudgetExceeded) as exc:
         print(f"charbuild: {exc}", file=sys.stderr)
         return EXIT_BUILD
     finally:
@@ -243,6 +255,23 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from .talk import sample
+
+    loaded, graph = _load(args)
+    for i, text in enumerate(sample(loaded, graph, _cache(args), args.prompt, args.target, args.system, args.n, args.seed)):
+        print(f"--- {args.target} sample {i + 1}\n{text}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .talk import chat
+
+    loaded, graph = _load(args)
+    chat(loaded, graph, _cache(args), args.target, args.system)
+    return 0
+
+
 def cmd_check(args) -> int:
     from .checkcmd import check_file
 
@@ -250,7 +279,7 @@ def cmd_check(args) -> int:
 
 
 VERBS = {"plan": cmd_plan, "run": cmd_run, "explain": cmd_explain, "dag": cmd_dag, "show": cmd_show,
-         "status": cmd_status, "gc": cmd_gc, "check": cmd_check}
+         "status": cmd_status, "gc": cmd_gc, "check": cmd_check, "sample": cmd_sample, "chat": cmd_chat}
 
 
 if __name__ == "__main__":

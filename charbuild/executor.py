@@ -34,6 +34,13 @@ class BudgetExceeded(BuildError):
     pass
 
 
+def _stops_the_build(exc: BaseException) -> bool:
+    """A budget cap or Ctrl-C ends the whole run at a call boundary; other errors fail one target."""
+    from .governor import BudgetExceeded as CallBudgetExceeded
+
+    return isinstance(exc, (KeyboardInterrupt, BudgetExceeded, CallBudgetExceeded))
+
+
 class Executor(Protocol):
     def submit(self, fn: Callable, *args) -> cf.Future: ...
 
@@ -105,7 +112,8 @@ def library_versions() -> dict:
 
 
 def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: Spend, progress: bool,
-              log: Callable[[str], None], force_gates: tuple[str, ...] = (), estimate: dict | None = None) -> str:
+              log: Callable[[str], None], force_gates: tuple[str, ...] = (), estimate: dict | None = None,
+              call_cache=None) -> str:
     """Build one target if needed; returns cached | built | waited | rebuilt-corrupt."""
     state = "built"
     if cache.has(node.key):
@@ -127,7 +135,8 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
         t0 = time.time()
         before = spend.snapshot()
         with cache.staging(node.key) as out_dir:
-            ctx = BuildContext(node.defn, node.key, loaded, out_dir, inputs, backends, spend, progress, force_gates)
+            ctx = BuildContext(node.defn, node.key, loaded, out_dir, inputs, backends, spend, progress, force_gates,
+                               call_cache)
             result = node.stage.run(ctx) or {}
             if result.get("warning"):
                 log(f"! {node.name}: {result['warning']}")
@@ -160,6 +169,7 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
               keep_going: bool = False, progress: bool = True, log: Callable[[str], None] = print,
               outputs_root: Path | None = Path("outputs"), force_gates: tuple[str, ...] = ()) -> BuildReport:
     from .backends.pool import BackendPool, missing_keys
+    from .callcache import CallCache
     from .cost import PriceTable
 
     spec = loaded.spec
@@ -174,8 +184,10 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     if spec.budget.max_usd is not None and total.usd > spec.budget.max_usd:
         raise BudgetExceeded(f"the plan is estimated at ${total.usd:,.2f}, over budget.max_usd ${spec.budget.max_usd:,.2f}; "
                              f"nothing was started (see `charbuild plan`)")
-    spend = Spend(PriceTable.load(spec), spec.budget.max_usd, spec.budget.max_tokens)
-    backends = BackendPool()
+    prices = PriceTable.load(spec)
+    spend = Spend(prices, spec.budget.max_usd, spec.budget.max_tokens)
+    backends = BackendPool(_call_budget(spec, prices))
+    call_cache = CallCache(cache.root)
     own = executor is None
     executor = executor or LocalExecutor(1)
     estimates = {r.name: r.estimate.to_dict() for r in plan.rows}
@@ -194,7 +206,7 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                 elif deps <= done:
                     remaining.remove(name)
                     pending[executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log,
-                                                   tuple(force_gates), estimates.get(name))] = name
+                                                   tuple(force_gates), estimates.get(name), call_cache)] = name
             if not pending:
                 break
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -202,9 +214,10 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                 name = pending.pop(fut)
                 try:
                     state = fut.result()
-                except (KeyboardInterrupt, BudgetExceeded):
-                    raise
-                except Exception as exc:  # a failed target stops its dependents, not the report
+                except BaseException as exc:
+                    if _stops_the_build(exc) or not isinstance(exc, Exception):
+                        raise
+                    # a failed target stops its dependents, not the report
                     report.failed[name] = f"{type(exc).__name__}: {exc}"
                     # Remembered so `plan` shows it until the target builds.
                     cache.index.set(("failed", graph[name].key), {"error": report.failed[name][:2000], "time": time.time()})
@@ -234,6 +247,16 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     if not report.failed and outputs_root is not None:
         report.outputs = publish_outputs(loaded, graph, cache, [r.name for r in plan.rows], outputs_root)
     return report
+
+
+def _call_budget(spec, prices):
+    """The run's cap, reserved call by call before each API request (governor.Budget)."""
+    if spec.budget.max_usd is None and spec.budget.max_tokens is None:
+        return None
+    from .governor import Budget
+
+    table = {m.model: prices.price(m) for m in spec.models.values() if m.backend == "openai"}
+    return Budget(spec.budget.max_usd, spec.budget.max_tokens, table)
 
 
 FINAL = {"dpo-pairs": "dpo_pairs.jsonl", "sft-data": "sft_data.jsonl", "dpo-adapter": "adapter", "sft-adapter": "adapter",

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import json
 import random
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,13 +64,12 @@ def last_user_message(body: dict) -> str:
     return ""
 
 
+_FILLER = "and so the answer goes on for a few more words"
+
+
 def default_reply(body: dict) -> str:
     """Deterministic text that names its request: its last user message, seed, temperature."""
-    user = last_user_message(body)
-    seed, temp = body.get("seed"), body.get("temperature")
-    h = hashlib.sha1(f"{user}|{seed}|{temp}".encode()).hexdigest()
-    filler = " ".join(f"w{h[i:i + 3]}" for i in range(0, 24, 3))
-    return f"reply to [{user}] seed={seed} temperature={temp} : {filler}"
+    return f"reply to [{last_user_message(body)}] seed={body.get('seed')} temperature={body.get('temperature')} : {_FILLER}"
 
 
 class FakeOpenAIServer:
@@ -88,6 +87,7 @@ class FakeOpenAIServer:
         self.require_key = require_key
         self.record_arrivals = record_arrivals
         self._rng = random.Random(self.faults.seed)
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +102,7 @@ class FakeOpenAIServer:
             self.completed = 0  # 200 OK with a valid chat.completion body
             self.by_status: collections.Counter = collections.Counter()  # int status or "drop"
             self.faults_injected: collections.Counter = collections.Counter()
+            # with record_arrivals (the default):
             self.answered: collections.Counter = collections.Counter()  # signature -> valid answers
             self.arrivals: list[float] = []  # time.monotonic() of each arrival (server clock)
             self.arrivals_by_sig: dict[str, list[float]] = collections.defaultdict(list)
@@ -182,7 +183,7 @@ class FakeOpenAIServer:
             self._count_status(401)
             return bad_key
         try:
-            body = await request.json()
+            body = json.loads(await request.read())
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
@@ -198,7 +199,7 @@ class FakeOpenAIServer:
             self._count_status(400)
             return self._error(400, "'stop' accepts at most 4 sequences.", "invalid_request_error")
 
-        sig = signature(body)
+        sig = signature(body) if self.record_arrivals else ""
         with self._lock:
             self.last_request = body
             if self.record_arrivals:
@@ -248,7 +249,8 @@ class FakeOpenAIServer:
         with self._lock:
             self.by_status[200] += 1
             self.completed += 1
-            self.answered[sig] += 1
+            if sig:
+                self.answered[sig] += 1
         return web.Response(body=raw, content_type="application/json")
 
     def _completion(self, body: dict, stop: list[str]) -> dict:
@@ -269,7 +271,7 @@ class FakeOpenAIServer:
         prompt_tokens = sum(words(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict))
         completion_tokens = words(text)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": f"chatcmpl-{next(self._ids):024d}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],

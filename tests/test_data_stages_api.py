@@ -200,3 +200,30 @@ def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_p
         assert len(set(qs)) == len(qs)  # the duplicate line was dropped
         assert not any("without the right ending" in q or "not a numbered" in q for q in qs)
     assert sum(r["source"] == "general" for r in rows) == 40
+
+
+def test_a_run_killed_mid_shard_pays_only_for_calls_in_flight_when_resumed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "CB_TEST_KEY": "k"}
+    with FakeOpenAIServer(reply=persona_reply, latency_s=0.05) as s:
+        spec = write_spec(tmp_path, s.base_url, dpo_pairs=160, shard_size=160)
+        cmd = [sys.executable, "-m", "charbuild", "run", str(spec), "teacher-responses/shard-0000", "--cache",
+               str(tmp_path / "cache"), "--no-progress"]
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while s.stats()["completed"] < 60 and time.time() < deadline:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)  # no chance to clean up: only stored calls survive
+        p.wait()
+        asked_before = s.stats()["completed"]
+        assert 0 < asked_before < 160
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        total = s.stats()["completed"]
+    # Every call answered before the kill was stored and not asked again; only the ones
+    # in flight at the kill (at most `concurrency`, 8) could be paid twice.
+    assert 160 <= total <= 160 + 8, total

@@ -25,10 +25,11 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
 
+from ..governor import Budget, BudgetExceeded, estimate_prompt_tokens, limiter_for
 from .base import BackendError, GenRequest, GenResult, Progress
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class OpenAIConfig:
     max_retries: int = 8  # retries after the first attempt
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    rpm: int | None = None  # requests per minute (shared by every user of this endpoint+model); None = unlimited
+    tpm: int | None = None  # tokens per minute (estimated prompt + max_tokens per request); None = unlimited
 
 
 class _Retryable(Exception):
@@ -123,7 +126,10 @@ class _LoopState:
 class OpenAIBackend:
     """`Backend` over an OpenAI-compatible chat-completions endpoint."""
 
-    def __init__(self, cfg: OpenAIConfig, env: Mapping[str, str] | None = None):
+    def __init__(self, cfg: OpenAIConfig, env: Mapping[str, str] | None = None, budget: Budget | None = None):
+        """`budget`: when given, each request reserves its worst case before it is sent and
+        settles its actual usage after; a request that would cross the cap is not sent, the
+        requests in flight finish (their answers reach `on_result`), and `BudgetExceeded` is raised."""
         if cfg.concurrency < 1:
             raise BackendError(f"openai backend: concurrency must be >= 1, got {cfg.concurrency}")
         self.cfg = cfg
@@ -147,6 +153,9 @@ class OpenAIBackend:
         self._loop: asyncio.AbstractEventLoop | None = None  # private loop for the sync API
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.budget = budget
+        self._limiter = (limiter_for("openai", cfg.model, cfg.rpm, cfg.tpm, endpoint=cfg.base_url.rstrip("/"))
+                         if (cfg.rpm or cfg.tpm) else None)
 
     def __repr__(self) -> str:
         return (
@@ -222,17 +231,35 @@ class OpenAIBackend:
         text = " ".join(text.split())
         return self._redact(text)[:500] or "(empty body)"
 
+    async def _reserve(self, st: _LoopState, req: GenRequest, est_tokens: int, abort: asyncio.Event):
+        """Reserve the request's worst case; while only the calls in flight stand in the way,
+        wait for them to settle (without holding a concurrency slot); else BudgetExceeded."""
+        while True:
+            async with st.sem:
+                if abort.is_set():
+                    raise BackendError("openai backend: aborted")
+                try:
+                    return self.budget.reserve_call(self.cfg.model, est_tokens, req.max_tokens)
+                except BudgetExceeded:
+                    worst = self.budget.cost(self.cfg.model, est_tokens, req.max_tokens)
+                    if not self.budget.fits_once_settled(worst, est_tokens + req.max_tokens):
+                        raise
+            await asyncio.sleep(0.01)
+
     async def _one(self, st: _LoopState, idx: int, req: GenRequest, abort: asyncio.Event) -> GenResult:
         body = json.dumps(build_payload(self.cfg.model, req)).encode()
         headers = self._headers
         t0: float | None = None
         attempts = 0
+        rate_tokens = estimate_prompt_tokens(req.messages) + req.max_tokens if self._limiter is not None else 0
         while True:
             attempts += 1
             try:
                 async with st.sem:
                     if abort.is_set():  # another request failed for good: send nothing more
                         raise BackendError("openai backend: aborted")
+                    if self._limiter is not None:  # every attempt counts against the provider's limits
+                        await self._limiter.acquire(rate_tokens)
                     if t0 is None:
                         t0 = time.monotonic()  # latency: first send to answer, retries included
                     data = await self._attempt(st, body, headers)
@@ -262,8 +289,27 @@ class OpenAIBackend:
             meta={"attempts": attempts, "latency_s": time.monotonic() - (t0 or 0.0)},
         )
 
+    async def _one_budgeted(self, st: _LoopState, idx: int, req: GenRequest, abort: asyncio.Event) -> GenResult:
+        """`_one` within the budget: worst case reserved before, actual usage settled after."""
+        if self.budget is None:
+            return await self._one(st, idx, req, abort)
+        est = estimate_prompt_tokens(req.messages)
+        reservation = await self._reserve(st, req, est, abort)
+        try:
+            result = await self._one(st, idx, req, abort)
+        except BaseException:
+            reservation.release()
+            raise
+        usd = self.budget.cost(self.cfg.model, result.prompt_tokens, result.completion_tokens)
+        reservation.settle(usd, result.prompt_tokens + result.completion_tokens)
+        result.meta["usd"] = usd
+        return result
+
     # -- public API -----------------------------------------------------------------
-    async def agenerate(self, requests: Sequence[GenRequest], progress: Progress | None = None) -> list[GenResult]:
+    async def agenerate(self, requests: Sequence[GenRequest], progress: Progress | None = None,
+                        on_result: Callable[[int, GenResult], None] | None = None) -> list[GenResult]:
+        """`on_result(index, result)` is called as each request completes (before `progress`),
+        so a caller can store answers one by one: a kill mid-batch loses only those in flight."""
         if self._closed:
             raise BackendError("openai backend: used after close()")
         requests = list(requests)
@@ -271,20 +317,32 @@ class OpenAIBackend:
             return []
         st = self._state()
         abort = asyncio.Event()
+        halt: list[BudgetExceeded] = []  # the budget stopped the batch: let calls in flight finish
 
-        async def run(i: int, r: GenRequest) -> GenResult:
+        async def run(i: int, r: GenRequest) -> GenResult | None:
             try:
-                res = await self._one(st, i, r, abort)
+                res = await self._one_budgeted(st, i, r, abort)
+            except BudgetExceeded as e:
+                halt.append(e)
+                abort.set()
+                return None
             except BackendError:
+                if halt:  # not sent because the budget stopped the batch
+                    return None
                 abort.set()
                 raise
+            if on_result is not None:
+                on_result(i, res)
             if progress is not None:
                 progress(1)
             return res
 
         tasks = [asyncio.ensure_future(run(i, r)) for i, r in enumerate(requests)]
         try:
-            return list(await asyncio.gather(*tasks))
+            results = list(await asyncio.gather(*tasks))
+            if halt:
+                raise halt[0]
+            return results
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -300,12 +358,14 @@ class OpenAIBackend:
                 self._loop, self._thread = loop, t
             return self._loop
 
-    def generate(self, requests: Sequence[GenRequest], progress: Progress | None = None) -> list[GenResult]:
-        """Blocking; safe from any thread, including one running its own event loop."""
+    def generate(self, requests: Sequence[GenRequest], progress: Progress | None = None,
+                 on_result: Callable[[int, GenResult], None] | None = None) -> list[GenResult]:
+        """Blocking; safe from any thread, including one running its own event loop.
+        `on_result` runs on the backend's event-loop thread."""
         if self._closed:
             raise BackendError("openai backend: used after close()")
         loop = self._ensure_loop()
-        fut = asyncio.run_coroutine_threadsafe(self.agenerate(requests, progress), loop)
+        fut = asyncio.run_coroutine_threadsafe(self.agenerate(requests, progress, on_result), loop)
         try:
             return fut.result()
         except BaseException:

@@ -9,8 +9,9 @@ from .base import Backend, BackendError
 
 
 class BackendPool:
-    def __init__(self) -> None:
+    def __init__(self, budget=None) -> None:
         self._backends: dict[tuple, Backend] = {}
+        self.budget = budget  # governor.Budget shared by every API backend of the run
 
     def get(self, role: str, ctx) -> Backend:
         m: ModelSpec = ctx.spec.models[role]
@@ -23,7 +24,7 @@ class BackendPool:
             merged = tuple(str(p / "adapter") for p in ctx.inputs.get("merge", []))
         k = (m.backend, path, adapter, merged, m.base_url)
         if k not in self._backends:
-            self._backends[k] = make_backend(m, path, adapter, merged)
+            self._backends[k] = make_backend(m, path, adapter, merged, self.budget)
         return self._backends[k]
 
     def close(self) -> None:
@@ -32,14 +33,14 @@ class BackendPool:
         self._backends.clear()
 
 
-def make_backend(m: ModelSpec, path: str, adapter: str | None, merged: tuple[str, ...] = ()) -> Backend:
+def make_backend(m: ModelSpec, path: str, adapter: str | None, merged: tuple[str, ...] = (), budget=None) -> Backend:
     if m.backend == "openai":
         from .openai_backend import OpenAIBackend, OpenAIConfig
 
         if adapter or merged:
             raise BackendError("the openai backend cannot apply a local LoRA adapter; serve it (vllm serve --lora-modules) instead")
         return OpenAIBackend(OpenAIConfig(model=m.model, base_url=m.base_url, api_key_env=m.api_key_env,
-                                          concurrency=m.concurrency))
+                                          concurrency=m.concurrency, rpm=m.rpm, tpm=m.tpm), budget=budget)
     if m.backend == "transformers":
         from .transformers_backend import TransformersBackend, TransformersConfig
 

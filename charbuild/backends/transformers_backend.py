@@ -30,6 +30,7 @@ finish_reason is "length" only when max_tokens were generated with no EOS / stop
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,6 +58,10 @@ def _group_key(r: GenRequest) -> tuple:
     temp = float(r.temperature) if r.temperature > 0 else 0.0
     return (r.max_tokens, temp, float(r.top_p) if temp else 1.0, float(r.repetition_penalty),
             float(r.frequency_penalty), tuple(r.stop))
+
+
+# PEFT still calls transformers' old name; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class TransformersBackend:

@@ -87,6 +87,7 @@ class BuildContext:
     budget: Any  # executor.Spend, to report usage as it happens
     progress: bool = True
     force_gates: tuple[str, ...] = ()
+    call_cache: Any = None  # callcache.CallCache: every generation call is stored once answered
 
     @property
     def spec(self):

@@ -26,18 +26,33 @@ def request(m: ModelSpec, messages: list[dict], seed: int, max_tokens: int | Non
 
 
 def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
-                     f: FilterSpec, label: str, chunk: int = 32) -> tuple[list[dict], StageQuality]:
-    """One record per request: text (truncated at invented turns), verdict, usage."""
+                     f: FilterSpec, label: str, chunk: int = 32,
+                     sample_indices: Sequence[int] | None = None) -> tuple[list[dict], StageQuality]:
+    """One record per request: text (truncated at invented turns), verdict, usage.
+
+    With a call cache on the context, every call is looked up first and stored as it is
+    answered; cached calls are not counted as spend. `sample_indices` (one per request)
+    tell identical requests apart; by default the n-th occurrence of a request is sample n."""
     backend = ctx.backends.get(role, ctx)
+    call_cache = getattr(ctx, "call_cache", None)
+    if call_cache is not None:
+        from ..callcache import cached_backend_for, occurrence_indices
+
+        backend = cached_backend_for(ctx, role, m, backend, call_cache)
+        sample_indices = list(sample_indices) if sample_indices is not None else occurrence_indices(reqs)
     quality = StageQuality()
     out: list[dict] = []
     bar = _bar(len(reqs), label, ctx.progress)
     try:
         for start in range(0, len(reqs), chunk):
             batch = list(reqs[start:start + chunk])
-            results = backend.generate(batch)
+            if call_cache is not None:
+                results = backend.generate(batch, sample_indices=sample_indices[start:start + chunk])
+            else:
+                results = backend.generate(batch)
             for r in results:
-                ctx.budget.add_usage(m, r.prompt_tokens, r.completion_tokens)
+                if not r.meta.get("cached"):
+                    ctx.budget.add_usage(m, r.prompt_tokens, r.completion_tokens)
                 rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
                        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
                 if cfg is None:

@@ -1,0 +1,55 @@
+"""The whole recipe on tiny models, through the CLI, as a user runs it (a few minutes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cb(*args, cwd, inp=None):
+    return subprocess.run([sys.executable, "-m", "charbuild", *args], capture_output=True, text=True, cwd=cwd,
+                          input=inp, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    cache = work / "cache"
+    r = cb("run", str(ROOT / "specs" / "smoke-small.yaml"), "--cache", str(cache), "--no-progress", cwd=work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work, cache, r
+
+
+def test_smoke_small_builds_the_whole_recipe_and_a_second_run_builds_nothing(built):
+    work, cache, first = built
+    out = work / "outputs" / "smoke-small"
+    for f in ("dpo-pairs.jsonl", "sft-data.jsonl", "dpo-adapter/adapter_config.json", "sft-adapter/adapter_config.json",
+              "report.html", "provenance.json"):
+        assert (out / f).exists(), f
+    pairs = [json.loads(l) for l in (out / "dpo-pairs.jsonl").read_text().splitlines()]
+    assert pairs and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    r = cb("run", str(ROOT / "specs" / "smoke-small.yaml"), "--cache", str(cache), "--no-progress", cwd=work)
+    assert r.returncode == 0 and "nothing to build" in r.stdout and "built 0," in r.stdout
+
+
+def test_sample_and_chat_talk_to_the_built_models(built):
+    work, cache, _ = built
+    spec = str(ROOT / "specs" / "smoke-small.yaml")
+    r = cb("sample", spec, "How do I boil an egg?", "--cache", str(cache), "-n", "2", cwd=work)
+    assert r.returncode == 0 and r.stdout.count("--- sft-adapter sample") == 2, r.stderr[-2000:]
+    r = cb("chat", spec, "--cache", str(cache), "--target", "dpo-adapter", cwd=work, inp="hello\nhow are you?\n\n")
+    assert r.returncode == 0 and r.stdout.count("dpo-adapter> ") == 2, r.stderr[-2000:]
+
+
+def test_the_report_numbers_come_from_the_run(built):
+    work, cache, _ = built
+    report = json.loads((work / "outputs" / "smoke-small" / "report.json").read_text())
+    titles = [s["title"] for s in report["sections"]]
+    assert "Character markers" in titles and any(t.startswith("Elo") for t in titles)
+    markers = next(s for s in report["sections"] if s["title"] == "Character markers")
+    # 20 held-out prompts x 2 samples, for each variant and system-prompt setting.
+    assert {row[4] for row in markers["table"]["rows"]} == {40}
