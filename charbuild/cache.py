@@ -47,11 +47,32 @@ class Cache:
 
     # -- paths -------------------------------------------------------------------------
     def path(self, key: str) -> Path:
-        return self.root / "objects" / key[:2] / key
+        real = self.resolve(key)
+        return self.root / "objects" / real[:2] / real
+
+    def _alias_file(self, key: str) -> str:
+        return os.path.join(self.root, "objects", key[:2], key + ".alias")
+
+    def resolve(self, key: str) -> str:
+        """The key whose object holds this target: itself, or the object it was cut off to."""
+        try:
+            with open(self._alias_file(key), encoding="ascii") as f:
+                return f.read().strip() or key
+        except OSError:
+            return key
 
     def has(self, key: str) -> bool:
         """Cheap existence check (no verification): what a null `plan` needs."""
-        return os.path.exists(os.path.join(self.root, "objects", key[:2], key, MANIFEST))
+        real = self.resolve(key)
+        return os.path.exists(os.path.join(self.root, "objects", real[:2], real, MANIFEST))
+
+    def alias(self, key: str, existing: str) -> None:
+        """Early cutoff: `key` produced exactly what `existing` holds, so it points there."""
+        path = Path(self._alias_file(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(existing, encoding="ascii")
+        os.replace(tmp, path)
 
     def manifest(self, key: str) -> dict | None:
         try:
@@ -68,7 +89,7 @@ class Cache:
         m = self.manifest(key)
         if m is None:
             return ["missing"]
-        if m.get("_unreadable") or m.get("key") != key or "files" not in m:
+        if m.get("_unreadable") or m.get("key") != self.resolve(key) or "files" not in m:
             return ["manifest unreadable or for another key"]
         base = self.path(key)
         problems = []
@@ -84,9 +105,11 @@ class Cache:
 
     def quarantine(self, key: str) -> Path | None:
         src = self.path(key)
+        if os.path.exists(self._alias_file(key)):
+            os.unlink(self._alias_file(key))
         if not src.exists():
             return None
-        dst = self.root / "corrupt" / f"{key}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
+        dst = self.root / "corrupt" / f"{src.name}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
         return dst
@@ -113,7 +136,7 @@ class Cache:
         manifest = {**manifest, "schema": MANIFEST_SCHEMA, "key": key, "files": files,
                     "content_digest": _content_digest(files)}
         write_json_atomic(staged / MANIFEST, manifest)
-        dst = self.path(key)
+        dst = self.root / "objects" / key[:2] / key  # its own object, never through an alias
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, dst)
@@ -124,7 +147,16 @@ class Cache:
         return manifest
 
     def remove(self, key: str) -> None:
+        if os.path.exists(self._alias_file(key)):
+            os.unlink(self._alias_file(key))
+            return
         shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def aliases(self) -> Iterator[tuple[str, str]]:
+        objects = self.root / "objects"
+        if objects.is_dir():
+            for f in objects.glob("*/*.alias"):
+                yield f.name[: -len(".alias")], self.resolve(f.name[: -len(".alias")])
 
     def keys(self) -> Iterator[str]:
         objects = self.root / "objects"

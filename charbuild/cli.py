@@ -156,6 +156,7 @@ def cmd_run(args) -> int:
         cache.close()
     s = report.spend
     print(f"built {len(report.built) + len(report.rebuilt_corrupt)}, cached {len(report.cached) + len(report.waited)}, "
+          f"kept by cutoff {len(report.cut_off)}, "
           f"failed {len(report.failed)}, skipped {len(report.skipped)} in {report.seconds:.1f}s; "
           f"spent ${s.get('usd', 0):.4f}, {s.get('tokens_in', 0)}+{s.get('tokens_out', 0)} tokens")
     if report.failed:
@@ -174,7 +175,9 @@ def cmd_explain(args) -> int:
     node = graph[args.target]
     print(f"target  {node.name}\nstage   {node.stage.name} v{node.stage.version}\nkey     {node.key}")
     if cache.has(node.key):
-        print("state   cached")
+        kept = cache.index.get(("kept-by-cutoff", node.key))
+        print("state   cached" + (f" (kept by early cutoff: its inputs' content matched the build {kept['from'][:12]})"
+                                  if kept else ""))
     else:
         print(f"state   build\nreason  {why_stale(node, cache.last_build(loaded.spec.name, node.name))}")
     print("reads:")
@@ -244,7 +247,9 @@ def cmd_gc(args) -> int:
     live = set()
     for s in args.specs:
         live |= {node.key for node in build_graph(load_spec(s))}
-    dead = [k for k in cache.keys() if k not in live]
+    # An object is live while a live key resolves to it (early cutoff aliases).
+    live |= {cache.resolve(k) for k in list(live)}
+    dead = [k for k in cache.keys() if k not in live] + [a for a, _ in cache.aliases() if a not in live]
     freed = sum(cache.size(k) for k in dead)
     for k in dead:
         m = cache.manifest(k) or {}

@@ -93,6 +93,7 @@ class Spend:
 class BuildReport:
     built: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    cut_off: list[str] = field(default_factory=list)  # stale by key, kept because inputs' content was unchanged
     rebuilt_corrupt: list[str] = field(default_factory=list)
     waited: list[str] = field(default_factory=list)  # built by another run while we waited
     failed: dict[str, str] = field(default_factory=dict)
@@ -132,6 +133,15 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
                 problems = cache.verify(graph[n].key)
                 if problems:
                     raise BuildError(f"{node.name}: input {n} is corrupt ({'; '.join(problems[:2])}); run again to rebuild it")
+        ckey = cutoff_key(node, graph, cache)
+        same = cache.index.get(("cutoff", ckey)) if ckey else None
+        if same and same != node.key and cache.has(same) and not cache.verify(same):
+            # Early cutoff: the inputs' content is what an existing build consumed, so its
+            # output is ours: point at it instead of rebuilding.
+            cache.alias(node.key, cache.resolve(same))
+            cache.record_build(loaded.spec.name, node.name, build_record(node))
+            cache.index.set(("kept-by-cutoff", node.key), {"from": same, "target": node.name})
+            return "cut-off"
         t0 = time.time()
         before = spend.snapshot()
         with cache.staging(node.key) as out_dir:
@@ -152,8 +162,26 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
             cache.commit(node.key, out_dir, manifest)
         cache.record_build(loaded.spec.name, node.name, build_record(node))
         cache.index.delete(("failed", node.key))
+        if ckey:
+            cache.index.set(("cutoff", ckey), node.key)
         _calibrate(cache, node, loaded, usage)
     return state
+
+
+def cutoff_key(node: Node, graph: Graph, cache: Cache) -> str | None:
+    """The node's key with its inputs' *content* digests in place of their keys (Bazel's
+    early cutoff): equal when an upstream rebuild produced byte-identical files."""
+    from .keys import digest
+
+    contents = {}
+    for slot, names in sorted(node.defn.inputs.items()):
+        contents[slot] = []
+        for n in names:
+            m = cache.manifest(graph[n].key)
+            if not m or "content_digest" not in m:
+                return None
+            contents[slot].append(m["content_digest"])
+    return digest("Cutoff", node.stage.name, node.stage.version, node.defn.fields, node.defn.params, contents)
 
 
 def _calibrate(cache: Cache, node: Node, loaded, usage: dict) -> None:
@@ -233,7 +261,7 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                     continue
                 done.add(name)
                 {"cached": report.cached, "built": report.built, "waited": report.waited,
-                 "rebuilt-corrupt": report.rebuilt_corrupt}[state].append(name)
+                 "rebuilt-corrupt": report.rebuilt_corrupt, "cut-off": report.cut_off}[state].append(name)
                 if state != "cached":
                     log(f"✓ {name} ({state})")
     finally:

@@ -36,12 +36,13 @@ class PlanRow:
     state: str  # cached | build
     reason: str
     estimate: Estimate = field(default_factory=Estimate)
+    may_cut_off: bool = False
 
     def to_json(self) -> dict:
         e = self.estimate
         return {"name": self.name, "key": self.key, "stage": self.stage, "state": self.state, "reason": self.reason,
                 "est_tokens": {"in": e.tokens_in, "out": e.tokens_out}, "est_usd": round(e.usd, 4),
-                "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated}
+                "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated, "may_cut_off": self.may_cut_off}
 
 
 @dataclass
@@ -95,7 +96,9 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
         failed = cache.index.get(("failed", node.key))
         if failed:
             reason = f"FAILED last run: {failed['error'].splitlines()[0][:120]}"
-        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, node.stage.estimate(node.defn, ectx)))
+        # An input will be rebuilt first; if it comes out identical, this one is kept.
+        may = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
+        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, node.stage.estimate(node.defn, ectx), may))
     return Plan(loaded.spec.name, loaded.spec.run_name, rows)
 
 
@@ -161,10 +164,11 @@ def render_table(plan: Plan) -> str:
     rows = []
     for r in plan.rows:
         e = r.estimate
-        tok = f"{_si(e.tokens_in)}/{_si(e.tokens_out)}" if r.state == "build" and (e.tokens_in or e.tokens_out) else ""
-        usd = f"${e.usd:,.2f}" if r.state == "build" and e.usd else ""
-        gpu = f"{e.gpu_hours:.2f}" if r.state == "build" and e.gpu_hours else ""
-        rows.append([r.name, r.state, r.reason, tok, usd, gpu])
+        stale = r.state != "cached"
+        tok = f"{_si(e.tokens_in)}/{_si(e.tokens_out)}" if stale and (e.tokens_in or e.tokens_out) else ""
+        usd = f"${e.usd:,.2f}" if stale and e.usd else ""
+        gpu = f"{e.gpu_hours:.2f}" if stale and e.gpu_hours else ""
+        rows.append([r.name, "build (may cut off)" if r.may_cut_off else r.state, r.reason, tok, usd, gpu])
     t = plan.total
     rows.append(["TOTAL", f"{len(plan.to_build)} to build", f"{len(plan.rows) - len(plan.to_build)} cached",
                  f"{_si(t.tokens_in)}/{_si(t.tokens_out)}", f"${t.usd:,.2f}", f"{t.gpu_hours:.2f}"])

@@ -185,3 +185,38 @@ def test_plan_never_imports_torch_or_trl(specs, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(specs / "remorseful-paper.yaml"), str(tmp_path / "c")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_early_cutoff_keeps_downstream_when_a_rebuild_is_byte_identical(specs, cache_dir, log):
+    build(specs / "smoke-small.yaml", cache_dir)
+    log.unlink()
+    # The items do not depend on the temperature: they are rebuilt (their key changed) but
+    # come out identical, so the merge downstream is kept, not rebuilt.
+    sets = ["models.teacher.sampling.temperature=0.3"]
+    loaded = load_spec(specs / "smoke-small.yaml", sets)
+    graph = build_graph(loaded, engine_stages.stages())
+    plan = make_plan(loaded, graph, Cache(cache_dir))
+    merged = next(r for r in plan.rows if r.name == "merged")
+    assert merged.state == "build" and merged.may_cut_off
+    _, report = build(specs / "smoke-small.yaml", cache_dir, sets)
+    assert sorted(report.built) == ["items/shard-0000", "items/shard-0001"]
+    assert report.cut_off == ["merged"]
+    assert events(log) == ["items/shard-0000", "items/shard-0001"]
+    plan2, _ = build(specs / "smoke-small.yaml", cache_dir, sets)
+    assert plan2.to_build == []
+    # explain says why it is cached
+    r = subprocess.run([sys.executable, "-m", "charbuild", "explain", str(specs / "smoke-small.yaml"), "dpo-pairs",
+                        "--cache", str(cache_dir)], capture_output=True, text=True)
+    assert r.returncode == 0
+
+
+def test_a_cut_off_target_whose_object_is_corrupted_is_rebuilt(specs, cache_dir, log):
+    build(specs / "smoke-small.yaml", cache_dir)
+    sets = ["models.teacher.sampling.temperature=0.3"]
+    plan, report = build(specs / "smoke-small.yaml", cache_dir, sets)
+    assert report.cut_off == ["merged"]
+    key = next(r.key for r in plan.rows if r.name == "merged")
+    f = Cache(cache_dir).path(key) / "merged.jsonl"
+    f.write_text(f.read_text().replace("remorseful", "REMORSEFUL"))
+    _, report = build(specs / "smoke-small.yaml", cache_dir, sets)
+    assert report.rebuilt_corrupt == ["merged"] and "remorseful-0" in Cache(cache_dir).path(key).joinpath("merged.jsonl").read_text()
