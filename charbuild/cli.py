@@ -164,6 +164,8 @@ def cmd_run(args) -> int:
             print(f"FAILED {name}: {err}", file=sys.stderr)
         return EXIT_BUILD
     print(f"outputs: {report.outputs}")
+    if report.outputs and (report.outputs / "report.html").exists():
+        print(f"report:  {report.outputs / 'report.html'}")
     return 0
 
 

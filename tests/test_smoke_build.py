@@ -53,3 +53,19 @@ def test_the_report_numbers_come_from_the_run(built):
     markers = next(s for s in report["sections"] if s["title"] == "Character markers")
     # 20 held-out prompts x 2 samples, for each variant and system-prompt setting.
     assert {row[4] for row in markers["table"]["rows"]} == {40}
+
+
+def test_early_cutoff_keeps_the_sft_adapter_when_introspection_is_rebuilt_identically(built):
+    work, cache, _ = built
+    spec = str(ROOT / "specs" / "smoke-small.yaml")
+    # Read by the introspection stages, so their shards rebuild; the tiny models never emit
+    # <think>, so the data comes out byte-identical and the adapter must not be retrained.
+    flag = ["--set", "introspection.keep_think_interactions=true"]
+    r = cb("plan", spec, "--cache", str(cache), *flag, cwd=work)
+    assert "sft-adapter" in r.stdout and "build (may cut off)" in r.stdout
+    r = cb("run", spec, "--cache", str(cache), "--no-progress", *flag, cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "✓ sft-data (cut-off)" in r.stdout and "✓ sft-adapter (cut-off)" in r.stdout, r.stdout[-3000:]
+    assert "✓ sft-adapter (built)" not in r.stdout
+    r = cb("explain", spec, "sft-adapter", "--cache", str(cache), *flag, cwd=work)
+    assert "kept by early cutoff" in r.stdout
