@@ -81,14 +81,14 @@ def parse_constitution(data: object, source: str = "<constitution>") -> Constitu
 
 
 def load_constitution(path: str | Path) -> Constitution:
-    import yaml
+    from .specloader import fast_safe_load
 
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConstitutionError(f"{p}: constitution file not found") from None
-    return parse_constitution(yaml.safe_load(text), str(p))
+    return parse_constitution(fast_safe_load(text), str(p))
 
 
 _WORD = re.compile(r"[a-z']+")

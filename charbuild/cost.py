@@ -36,9 +36,9 @@ class PriceTable:
 
     @classmethod
     def load(cls, spec: Spec | None = None, path: Path = PRICES_FILE) -> "PriceTable":
-        import yaml
+        from .specloader import fast_safe_load
 
-        data = yaml.safe_load(path.read_text()) if path.exists() else {}
+        data = fast_safe_load(path.read_text()) if path.exists() else {}
         models = dict(data.get("models") or {})
         if spec is not None:
             for mid, p in spec.prices.items():

@@ -48,16 +48,25 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Threads in this process: enough for API-bound shards; one job by default."""
+    """Threads in this process: enough for API-bound shards. With one job, tasks run in
+    the calling thread (torch's CPU thread pools are fastest from the main thread)."""
 
     def __init__(self, jobs: int = 1):
-        self._pool = cf.ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="charbuild")
+        self._pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="charbuild") if jobs > 1 else None
 
     def submit(self, fn: Callable, *args) -> cf.Future:
-        return self._pool.submit(fn, *args)
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # Ctrl-C included: the scheduler re-raises it
+            fut.set_exception(exc)
+        return fut
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -233,8 +242,11 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                     report.skipped.append(name)
                 elif deps <= done:
                     remaining.remove(name)
-                    pending[executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log,
-                                                   tuple(force_gates), estimates.get(name), call_cache)] = name
+                    fut = executor.submit(build_one, graph[name], graph, loaded, cache, backends, spend, progress, log,
+                                          tuple(force_gates), estimates.get(name), call_cache)
+                    pending[fut] = name
+                    if fut.done() and fut.exception() is not None:
+                        break  # an inline executor failed: handle it before starting more
             if not pending:
                 break
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)

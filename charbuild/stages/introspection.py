@@ -24,9 +24,9 @@ REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you a
 
 
 def _data(name: str) -> dict:
-    import yaml
+    from ..specloader import fast_safe_load
 
-    return yaml.safe_load((DATA_DIR / name).read_text(encoding="utf-8"))
+    return fast_safe_load((DATA_DIR / name).read_text(encoding="utf-8"))
 
 
 def strip_think(text: str) -> str:
