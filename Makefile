@@ -29,7 +29,7 @@ plan-all: setup
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_null_plan.py
-	$(BIN)/python benchmarks/bench_openai_throughput.py --quick
+	$(BIN)/python benchmarks/bench_openai_throughput.py
 	$(BIN)/python benchmarks/bench_engine_overhead.py
 	if [ -f benchmarks/bench_callcache.py ]; then $(BIN)/python benchmarks/bench_callcache.py; fi
 

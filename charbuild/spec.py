@@ -122,8 +122,19 @@ class LoraSpec(_Model):
     target_modules: str | list[str] = "all-linear"
 
 
+class HealthSpec(_Model):
+    """Training-health gates (the field report's kill criteria 10.4): the build stops there."""
+
+    enabled: bool = NoKey(True)
+    max_dpo_loss: float = NoKey(2.0, gt=0, description="DPO loss (incl. the NLL term) above this after warm-up stops")
+    min_reward_accuracy: float = NoKey(0.5, ge=0, le=1, description="DPO reward accuracy below this after warm-up stops")
+    warmup_steps: int = NoKey(5, ge=0)
+    flat_steps: int = NoKey(10, ge=1, description="loss unchanged for more steps than this stops")
+
+
 class TrainSpec(_Model):
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     batch_size: int = Field(32, ge=1, description="effective batch (micro x accumulation)")
     micro_batch_size: int = NoKey(2, ge=1)
     lr: float = Field(5e-5, gt=0)

@@ -69,3 +69,17 @@ def test_early_cutoff_keeps_the_sft_adapter_when_introspection_is_rebuilt_identi
     assert "✓ sft-adapter (built)" not in r.stdout
     r = cb("explain", spec, "sft-adapter", "--cache", str(cache), *flag, cwd=work)
     assert "kept by early cutoff" in r.stdout
+
+
+def test_a_nan_loss_stops_the_build_and_keeps_everything_upstream(built):
+    work, cache, _ = built
+    spec = str(ROOT / "specs" / "smoke-small.yaml")
+    boom = ["--set", "training.dpo.lr=1e30", "--set", "training.dpo.max_steps=4"]
+    r = cb("run", spec, "--cache", str(cache), "--no-progress", *boom, cwd=work)
+    assert r.returncode == 1
+    assert "✗ dpo-adapter: TrainingAborted" in r.stdout and "non_finite" in r.stdout, r.stdout[-3000:]
+    assert "✓ reflections" not in r.stdout  # nothing downstream started
+    r = cb("plan", spec, "--cache", str(cache), "--json", *boom, cwd=work)
+    rows = {t["name"]: t for t in json.loads(r.stdout)["targets"]}
+    assert rows["dpo-pairs"]["state"] == "cached" and rows["tiny/teacher"]["state"] == "cached"
+    assert rows["dpo-adapter"]["reason"].startswith("FAILED last run: TrainingAborted")

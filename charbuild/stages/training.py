@@ -20,6 +20,14 @@ def train_config(t) -> "TrainConfig":  # noqa: F821
     return TrainConfig(**kw)
 
 
+def health(t) -> "Health":  # noqa: F821
+    from ..training import Health
+
+    h = t.health
+    return Health(max_dpo_loss=h.max_dpo_loss, min_reward_accuracy=h.min_reward_accuracy, warmup_steps=h.warmup_steps,
+                  flat_steps=h.flat_steps, enabled=h.enabled)
+
+
 def base_model_path(ctx) -> str:
     inputs = model_inputs(ctx.spec, "student")
     if inputs:
@@ -50,7 +58,7 @@ class DpoAdapter(Stage):
         from ..training import train_dpo
 
         res = train_dpo(base_model_path(ctx), str(ctx.input("pairs") / "dpo_pairs.jsonl"), str(ctx.out_dir),
-                        train_config(ctx.spec.training.dpo), progress=ctx.progress)
+                        train_config(ctx.spec.training.dpo), health(ctx.spec.training.dpo), progress=ctx.progress)
         return {"metrics": res}
 
 
@@ -77,5 +85,6 @@ class SftAdapter(Stage):
         from ..training import train_sft
 
         res = train_sft(base_model_path(ctx), str(ctx.input("data") / "sft_data.jsonl"), str(ctx.out_dir),
-                        train_config(ctx.spec.training.sft), adapter=str(ctx.input("dpo") / "adapter"), progress=ctx.progress)
+                        train_config(ctx.spec.training.sft), health(ctx.spec.training.sft),
+                        adapter=str(ctx.input("dpo") / "adapter"), progress=ctx.progress)
         return {"metrics": res}
