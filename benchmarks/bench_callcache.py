@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -35,16 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from charbuild.backends.base import GenRequest, GenResult  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig  # noqa: E402
 from charbuild.callcache import CachedBackend, CallCache  # noqa: E402
-
-
-def _serve(latency: float, conn) -> None:
-    from openai_server import FakeOpenAIServer
-
-    srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
-    conn.send(srv.start())
-    conn.recv()
-    conn.send(srv.stats())
-    srv.stop()
+from openai_server import ServerHandle  # noqa: E402
 
 
 def make_requests(n: int, tag: str) -> list[GenRequest]:
@@ -145,17 +135,11 @@ def main() -> None:
         a.n, a.rounds, a.micro_calls = 128, 1, 500
 
     micro = per_call(a.micro_calls, 32)
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(a.latency, child), daemon=True)
-    proc.start()
-    base_url = conn.recv()
+    handle = ServerHandle("process", a.latency)
     try:
-        e2e = end_to_end(base_url, a.n, a.concurrency, a.rounds)
+        e2e = end_to_end(handle.base_url, a.n, a.concurrency, a.rounds)
     finally:
-        conn.send("stop")
-        server = conn.recv()
-        proc.join(10)
+        server = handle.stop()
 
     ratio = micro["miss_overhead_us"] / 1e6 / a.latency
     result = {

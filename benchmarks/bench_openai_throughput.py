@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -32,16 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from charbuild.backends.base import GenRequest  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig  # noqa: E402
-from openai_server import FakeOpenAIServer  # noqa: E402
-
-
-def _serve(latency: float, conn) -> None:
-    srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
-    conn.send(srv.start())
-    while conn.recv() == "cpu":
-        conn.send(time.process_time())
-    conn.send(srv.stats())  # anything else: stop
-    srv.stop()
+from openai_server import ServerHandle  # noqa: E402
 
 
 def busy_cpu_s() -> float:
@@ -52,37 +42,6 @@ def busy_cpu_s() -> float:
     except OSError:
         return float("nan")
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-class ServerHandle:
-    def __init__(self, mode: str, latency: float):
-        self.mode = mode
-        if mode == "thread":
-            self.srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
-            self.base_url = self.srv.start()
-        else:
-            ctx = mp.get_context("spawn")
-            self.conn, child = ctx.Pipe()
-            self.proc = ctx.Process(target=_serve, args=(latency, child), daemon=True)
-            self.proc.start()
-            self.base_url = self.conn.recv()
-
-    def cpu(self) -> float:
-        """Server CPU seconds so far (0 for a thread server: it is in the client's own CPU)."""
-        if self.mode == "thread":
-            return 0.0
-        self.conn.send("cpu")
-        return self.conn.recv()
-
-    def stop(self) -> dict:
-        if self.mode == "thread":
-            stats = self.srv.stats()
-            self.srv.stop()
-            return stats
-        self.conn.send("stop")
-        stats = self.conn.recv()
-        self.proc.join(10)
-        return stats
 
 
 def run_one(server: ServerHandle, concurrency: int, latency: float, seconds: float) -> dict:

@@ -20,6 +20,7 @@ import collections
 import hashlib
 import itertools
 import json
+import multiprocessing as mp
 import random
 import threading
 import time
@@ -341,3 +342,45 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# -- the server in its own process, for benchmarks (a thread would share the client's GIL) --
+
+def _serve_child(latency: float, conn) -> None:
+    srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+    conn.send(srv.start())
+    while conn.recv() == "cpu":
+        conn.send(time.process_time())
+    conn.send(srv.stats())  # anything else: stop
+    srv.stop()
+
+
+class ServerHandle:
+    def __init__(self, mode: str, latency: float):
+        self.mode = mode
+        if mode == "thread":
+            self.srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+            self.base_url = self.srv.start()
+        else:
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_serve_child, args=(latency, child), daemon=True)
+            self.proc.start()
+            self.base_url = self.conn.recv()
+
+    def cpu(self) -> float:
+        """Server CPU seconds so far (0 for a thread server: it is in the client's own CPU)."""
+        if self.mode == "thread":
+            return 0.0
+        self.conn.send("cpu")
+        return self.conn.recv()
+
+    def stop(self) -> dict:
+        if self.mode == "thread":
+            stats = self.srv.stats()
+            self.srv.stop()
+            return stats
+        self.conn.send("stop")
+        stats = self.conn.recv()
+        self.proc.join(10)
+        return stats
