@@ -220,24 +220,42 @@ def cmd_show(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .report_text import table
+
     cache = _cache(args)
     per_spec: dict = {}
+    per_model: dict = {}
     n = size = 0
     for key in cache.keys():
         m = cache.manifest(key) or {}
         n += 1
         size += cache.size(key)
-        s = per_spec.setdefault(m.get("spec", "?"), {"targets": 0, "usd": 0.0, "tokens": 0, "seconds": 0.0})
-        s["targets"] += 1
         u = m.get("usage") or {}
+        e = m.get("estimate") or {}
+        tokens = u.get("tokens_in", 0) + u.get("tokens_out", 0)
+        s = per_spec.setdefault(m.get("spec", "?"), {"targets": 0, "usd": 0.0, "tokens": 0, "est_usd": 0.0,
+                                                     "est_tokens": 0, "seconds": 0.0})
+        s["targets"] += 1
         s["usd"] += u.get("usd", 0)
-        s["tokens"] += u.get("tokens_in", 0) + u.get("tokens_out", 0)
+        s["tokens"] += tokens
+        s["est_usd"] += e.get("usd", 0)
+        s["est_tokens"] += e.get("tokens_in", 0) + e.get("tokens_out", 0)
         s["seconds"] += m.get("seconds", 0)
-    from .report_text import table
-
+        # The model a target generated with is among the fields it read.
+        models = [v.get("model") for k, v in (m.get("fields") or {}).items() if k.startswith("models.") and isinstance(v, dict)]
+        if models and (tokens or u.get("usd")):
+            pm = per_model.setdefault(models[0], {"calls": 0, "usd": 0.0, "tokens": 0})
+            pm["calls"] += u.get("calls", 0)
+            pm["usd"] += u.get("usd", 0)
+            pm["tokens"] += tokens
     print(f"cache {cache.root}: {n} targets, {size / 1e6:.1f} MB")
-    print(table(["spec", "targets", "spent usd", "tokens", "build seconds"],
-                [[k, v["targets"], f"{v['usd']:.4f}", v["tokens"], f"{v['seconds']:.1f}"] for k, v in sorted(per_spec.items())]))
+    print(table(["spec", "targets", "spent usd", "est. usd", "tokens", "est. tokens", "build seconds"],
+                [[k, v["targets"], f"{v['usd']:.4f}", f"{v['est_usd']:.4f}", v["tokens"], v["est_tokens"],
+                  f"{v['seconds']:.1f}"] for k, v in sorted(per_spec.items())]))
+    if per_model:
+        print()
+        print(table(["model", "calls", "spent usd", "tokens"],
+                    [[k, v["calls"], f"{v['usd']:.4f}", v["tokens"]] for k, v in sorted(per_model.items())]))
     return 0
 
 

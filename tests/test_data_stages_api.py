@@ -227,3 +227,19 @@ def test_a_run_killed_mid_shard_pays_only_for_calls_in_flight_when_resumed(tmp_p
     # Every call answered before the kill was stored and not asked again; only the ones
     # in flight at the kill (at most `concurrency`, 8) could be paid twice.
     assert 160 <= total <= 160 + 8, total
+
+
+def test_status_shows_spend_per_spec_and_per_model_with_estimates(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    cache = str(tmp_path / "cache")
+    assert run(str(spec), "dpo-pairs", "--cache", cache, "--set", "prices.teacher-model={input: 1, output: 2}") == 0
+    capsys.readouterr()
+    assert main(["status", "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    spec_row = next(l for l in out.splitlines() if l.startswith("api-smoke"))
+    assert float(spec_row.split()[2]) > 0 and float(spec_row.split()[3]) > 0  # spent and estimated
+    teacher = next(l for l in out.splitlines() if l.startswith("teacher-model"))
+    assert teacher.split()[1] == "30" and float(teacher.split()[2]) > 0  # 30 calls, priced
+    assert next(l for l in out.splitlines() if l.startswith("student-model")).split()[1] == "30"
