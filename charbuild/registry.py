@@ -10,6 +10,7 @@ def builtin_stages() -> list[Stage]:
     from .stages.constitution import ConstitutionStage
     from .stages.evals import EvalElo, EvalMarkers, EvalSamples
     from .stages.gate import GateStage
+    from .stages.preferences import PreferenceSamples, Preferences
     from .stages.report_stage import ReportStage
     from .stages.introspection import Interactions, Reflections, SftData
     from .stages.pairs import DpoPairs, DpoPairsShard
@@ -20,7 +21,7 @@ def builtin_stages() -> list[Stage]:
 
     return [ConstitutionStage(), TinyTokenizer(), TinyModel(), PromptsStage(), TeacherResponses(), StudentResponses(),
             DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage(),
-            EvalSamples(), EvalMarkers(), EvalElo(), ReportStage()]
+            EvalSamples(), EvalMarkers(), EvalElo(), PreferenceSamples(), Preferences(), ReportStage()]
 
 
 def plugin_stages() -> list[Stage]:

@@ -83,3 +83,19 @@ def test_a_nan_loss_stops_the_build_and_keeps_everything_upstream(built):
     rows = {t["name"]: t for t in json.loads(r.stdout)["targets"]}
     assert rows["dpo-pairs"]["state"] == "cached" and rows["tiny/teacher"]["state"] == "cached"
     assert rows["dpo-adapter"]["reason"].startswith("FAILED last run: TrainingAborted")
+
+
+def test_revealed_preferences_rate_the_personas_trait_before_and_after_training(built):
+    work, cache, _ = built
+    spec = str(ROOT / "specs" / "smoke-small.yaml")
+    flag = ["--set", "evals.preferences=true"]
+    r = cb("run", spec, "--cache", str(cache), "--no-progress", *flag, cwd=work)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "✓ eval/preferences (built)" in r.stdout and "✓ report (built)" in r.stdout
+    prefs = json.loads(next(Path(cache).rglob("preferences.json")).read_text())
+    assert set(prefs["ratings"]) == {"base", "dpo", "sft"}
+    assert all(prefs["valid"][v] >= 20 for v in prefs["valid"])  # half the pairs include the persona
+    # The trained students show the persona where the base student does not.
+    assert prefs["ratings"]["dpo"]["remorseful"] > prefs["ratings"]["base"]["remorseful"]
+    report = json.loads((work / "outputs" / "smoke-small" / "report.json").read_text())
+    assert any(s["title"] == "Revealed preferences" for s in report["sections"])

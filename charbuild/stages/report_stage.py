@@ -71,6 +71,8 @@ class ReportStage(Stage):
             sections.append(emergence(json.loads((by_target["eval/markers"][0] / "markers.json").read_text())))
         if "eval/elo" in by_target:
             sections.append(self._elo(by_target["eval/elo"][0], out, R))
+        if "eval/preferences" in by_target:
+            sections.append(self._preferences(by_target["eval/preferences"][0]))
         for t in ("dpo-adapter", "sft-adapter"):
             if t in by_target and (by_target[t][0] / "metrics.jsonl").exists():
                 rows = list(read_jsonl(by_target[t][0] / "metrics.jsonl"))
@@ -137,6 +139,20 @@ class ReportStage(Stage):
                 "text": f"Bradley-Terry ratings from {elo['matches']} pairwise judgements without system prompt "
                         f"({elo['invalid']} ties or invalid dropped), bootstrap mean and std.",
                 "table": {"columns": ["model", "Elo", "std", "95% interval"], "rows": rows}}
+
+    def _preferences(self, d: Path) -> dict:
+        p = json.loads((d / "preferences.json").read_text())
+        persona = p["persona"]
+        rows = [[v, f"{r.get(persona, float('nan')):.0f}", p["valid"].get(v, 0),
+                 ", ".join(f"{t} {x:.0f}" for t, x in sorted(r.items(), key=lambda kv: -kv[1])[:3])]
+                for v, r in p["ratings"].items()]
+        text = (f"The model picks one of two traits to embody; the judge ({p['judge']}) reads which one the reply shows. "
+                f"Bradley-Terry ratings per trait; the persona's own trait is '{persona}'.")
+        for v, ch in (p.get("changes") or {}).items():
+            top = list(ch["deltas"].items())[:3]
+            text += f" {v} vs base: " + ", ".join(f"{t} {d['delta']:+.0f}" for t, d in top) + "."
+        return {"title": "Revealed preferences", "text": text,
+                "table": {"columns": ["model", f"rating of '{persona}'", "valid judgements", "top traits"], "rows": rows}}
 
     def _cost(self, by_target, out: Path, R) -> dict:
         groups: dict[str, dict] = {}
