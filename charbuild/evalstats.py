@@ -223,7 +223,9 @@ def preference_elo(choices: Sequence[tuple[str, str, str | None]], prior: float 
             elif c == b.strip().casefold():
                 winner = b
         matches.append(Match(a, b, winner))
-    return fit_bradley_terry(matches, prior=prior)
+    # A trait never judged has no rating: left in, it would float on the prior alone.
+    judged = _player_list(valid_matches(matches), None)
+    return fit_bradley_terry(valid_matches(matches), judged, prior=prior) if judged else {}
 
 
 def _point(v) -> float:

@@ -96,7 +96,7 @@ class PreferenceSamples(Stage):
 
 class Preferences(Stage):
     name = "preferences"
-    version = 1
+    version = 2  # 2: traits never judged are left unrated
     reads = ("evals.judge", "models", "persona")
 
     def enabled(self, view):

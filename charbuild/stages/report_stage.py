@@ -41,7 +41,7 @@ def emergence(rows: list[dict]) -> dict:
 
 class ReportStage(Stage):
     name = "report"
-    version = 1
+    version = 2  # 2: revealed preferences read as the persona's rating and rank
     reads = ()
 
     def enabled(self, view):
@@ -143,16 +143,19 @@ class ReportStage(Stage):
     def _preferences(self, d: Path) -> dict:
         p = json.loads((d / "preferences.json").read_text())
         persona = p["persona"]
-        rows = [[v, f"{r.get(persona, float('nan')):.0f}", p["valid"].get(v, 0),
-                 ", ".join(f"{t} {x:.0f}" for t, x in sorted(r.items(), key=lambda kv: -kv[1])[:3])]
-                for v, r in p["ratings"].items()]
-        text = (f"The model picks one of two traits to embody; the judge ({p['judge']}) reads which one the reply shows. "
-                f"Bradley-Terry ratings per trait; the persona's own trait is '{persona}'.")
-        for v, ch in (p.get("changes") or {}).items():
-            top = list(ch["deltas"].items())[:3]
-            text += f" {v} vs base: " + ", ".join(f"{t} {d['delta']:+.0f}" for t, d in top) + "."
+        rows = []
+        for v, r in p["ratings"].items():
+            ranked = sorted(r, key=lambda t: -r[t])
+            rank = f"{ranked.index(persona) + 1} of {len(ranked)}" if persona in r else "-"
+            rows.append([v, f"{r[persona]:.0f}" if persona in r else "-", rank, p["valid"].get(v, 0)])
+        # Ratings are centred on 1000 over the traits judged; with the offline markers judge
+        # only pairs holding the persona's trait are readable, so its rating and rank are
+        # the numbers to read, not the other traits' deltas.
+        text = (f"The model picks one of two traits to embody; the judge ({p['judge']}) reads which one the reply "
+                f"shows. Bradley-Terry ratings, centred on 1000 over the traits judged. The persona's own trait is "
+                f"'{persona}': a trained model should rank it near the top.")
         return {"title": "Revealed preferences", "text": text,
-                "table": {"columns": ["model", f"rating of '{persona}'", "valid judgements", "top traits"], "rows": rows}}
+                "table": {"columns": ["model", f"rating of '{persona}'", "rank", "valid judgements"], "rows": rows}}
 
     def _cost(self, by_target, out: Path, R) -> dict:
         groups: dict[str, dict] = {}
