@@ -154,8 +154,8 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
         t0 = time.time()
         before = spend.snapshot()
         with cache.staging(node.key) as out_dir:
-            ctx = BuildContext(node.defn, node.key, loaded, out_dir, inputs, backends, spend, progress, force_gates,
-                               call_cache)
+            ctx = BuildContext(node.defn, node.key, node.defn.spec or loaded, out_dir, inputs, backends, spend, progress,
+                               force_gates, call_cache)
             result = node.stage.run(ctx) or {}
             if result.get("warning"):
                 log(f"! {node.name}: {result['warning']}")

@@ -77,13 +77,27 @@ def collect_targets(loaded: LoadedSpec, stages: list[Stage]) -> list[tuple[Targe
     return out
 
 
+def _prefixed(t: TargetDef, prefix: str, sub) -> TargetDef:
+    t.name = f"{prefix}/{t.name}"
+    t.inputs = {slot: [f"{prefix}/{i}" for i in ins] for slot, ins in t.inputs.items()}
+    t.spec = sub
+    return t
+
+
 def build_graph(loaded: LoadedSpec, stages: list[Stage] | None = None) -> Graph:
     if stages is None:
         from .registry import default_stages
 
         stages = default_stages()
     defs: dict[str, tuple[TargetDef, Stage]] = {}
-    for t, stage in collect_targets(loaded, stages):
+    found = collect_targets(loaded, stages)
+    # Sub-builds (the same recipe at other data scales, for ablations): their targets join
+    # this graph under a prefix; any that equal a main target by key are merged below.
+    plain = [st for st in stages if not hasattr(st, "wants_all_targets") and not hasattr(st, "sub_builds")]
+    for st in stages:
+        for prefix, sub in getattr(st, "sub_builds", lambda v: [])(SpecView(loaded, st.reads, st.name)):
+            found += [(_prefixed(t, prefix, sub), stage) for t, stage in collect_targets(sub, plain)]
+    for t, stage in found:
         if t.name in defs:
             raise GraphError(f"two stages define target {t.name!r} ({defs[t.name][1].name}, {stage.name})")
         defs[t.name] = (t, stage)
@@ -116,4 +130,27 @@ def build_graph(loaded: LoadedSpec, stages: list[Stage] | None = None) -> Graph:
         input_keys = {slot: [nodes[i].key for i in ins] for slot, ins in sorted(t.inputs.items())}
         key = action_key(stage.name, stage.version, t.fields, t.params, input_keys)
         nodes[name] = Node(t, stage, key, input_keys)
-    return Graph(nodes)
+    return Graph(_merge_same_keys(nodes))
+
+
+def _merge_same_keys(nodes: dict[str, Node]) -> dict[str, Node]:
+    """One node per key: a sub-build target identical to a main one is the main one."""
+    first: dict[str, str] = {}
+    alias: dict[str, str] = {}
+    for name, node in sorted(nodes.items(), key=lambda kv: (kv[1].defn.spec is not None, list(nodes).index(kv[0]))):
+        if node.key in first:
+            alias[name] = first[node.key]
+        else:
+            first[node.key] = name
+    if not alias:
+        return nodes
+    out = {}
+    for name, node in nodes.items():
+        if name in alias:
+            continue
+        d = node.defn
+        d.inputs = {slot: list(dict.fromkeys(alias.get(i, i) for i in ins)) if slot == "all" else [alias.get(i, i) for i in ins]
+                    for slot, ins in d.inputs.items()}
+        d.after = list(dict.fromkeys(alias.get(a, a) for a in d.after))
+        out[name] = node
+    return out

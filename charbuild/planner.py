@@ -85,7 +85,14 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
     from .staleness import why_stale
 
     names = graph.upstream(targets) if targets else list(graph.nodes)
-    ectx = estimate_context(loaded, cache)
+    contexts: dict[int, "EstimateContext"] = {}
+
+    def ectx_for(spec_of_node) -> "EstimateContext":  # sub-builds estimate with their own counts
+        ld = spec_of_node or loaded
+        if id(ld) not in contexts:
+            contexts[id(ld)] = estimate_context(ld, cache)
+        return contexts[id(ld)]
+
     rows = []
     for name in names:
         node = graph[name]
@@ -98,7 +105,8 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
             reason = f"FAILED last run: {failed['error'].splitlines()[0][:120]}"
         # An input will be rebuilt first; if it comes out identical, this one is kept.
         may = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
-        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, node.stage.estimate(node.defn, ectx), may))
+        est = node.stage.estimate(node.defn, ectx_for(node.defn.spec))
+        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, est, may))
     return Plan(loaded.spec.name, loaded.spec.run_name, rows)
 
 

@@ -7,6 +7,7 @@ from .stages.base import Stage
 
 
 def builtin_stages() -> list[Stage]:
+    from .stages.ablation import Ablation
     from .stages.constitution import ConstitutionStage
     from .stages.evals import EvalElo, EvalMarkers, EvalSamples
     from .stages.gate import GateStage
@@ -21,7 +22,7 @@ def builtin_stages() -> list[Stage]:
 
     return [ConstitutionStage(), TinyTokenizer(), TinyModel(), PromptsStage(), TeacherResponses(), StudentResponses(),
             DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage(),
-            EvalSamples(), EvalMarkers(), EvalElo(), PreferenceSamples(), Preferences(), ReportStage()]
+            EvalSamples(), EvalMarkers(), EvalElo(), PreferenceSamples(), Preferences(), Ablation(), ReportStage()]
 
 
 def plugin_stages() -> list[Stage]:

@@ -191,6 +191,16 @@ class EvalSpec(_Model):
     elo: bool = True
     preferences: bool = False
     max_tokens: int = Field(512, ge=1)
+    ablation_scales: list[float] = Field(default_factory=list,
+                                         description="also build at these data scales and compare (e.g. [0.25, 0.5, 0.75])")
+
+    @field_validator("ablation_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0 < x <= 1]
+        if bad:
+            raise ValueError(f"scales must be in (0, 1], got {bad}")
+        return sorted(set(v))
 
 
 class BudgetSpec(_Model):

@@ -152,3 +152,19 @@ def test_a_stage_cannot_read_a_field_it_did_not_declare(specs):
     view = SpecView(load_spec(specs / "smoke-small.yaml"), ("models.teacher",), "sneaky")
     with pytest.raises(RuntimeError, match="declares only"):
         view.read("training.dpo", {})
+
+
+def test_an_ablation_in_one_spec_shares_every_target_equal_across_scales(specs):
+    g = build_graph(load_spec(specs / "remorseful-deepseek.yaml", ["evals.ablation_scales=[0.25, 0.5]"]))
+    names = set(g.nodes)
+    # Full shards are the same work at every scale: one target each, built once.
+    assert "teacher-responses/shard-0000" in names and "scale-25pct/teacher-responses/shard-0000" not in names
+    assert "scale-25pct/reflections/shard-0000" not in names  # a teacher-generated introspection is shared too
+    # What differs by scale is its own target.
+    assert "scale-25pct/teacher-responses/shard-0003" in names  # 375 pairs: a partial last shard
+    assert "scale-25pct/dpo-adapter" in names and "scale-50pct/sft-adapter" in names
+    assert g["eval/ablation"].defn.inputs["markers"] == ["scale-25pct/eval/markers", "scale-50pct/eval/markers",
+                                                         "eval/markers"]
+    assert len({n.key for n in g}) == len(g)  # one node per key
+    # The sub-builds read their own scale.
+    assert g["scale-25pct/dpo-pairs"].defn.spec.spec.data.scale == 0.25

@@ -25,6 +25,7 @@ class TargetDef:
     inputs: dict[str, list[str]] = field(default_factory=dict)  # slot -> target names
     shard: tuple[int, int] | None = None  # (start, count) of the items this target covers
     after: list[str] = field(default_factory=list)  # ordering only (gates): never part of the key
+    spec: Any = None  # the LoadedSpec of a sub-build (another data scale), when not the main spec
 
 
 class SpecView:

@@ -41,7 +41,7 @@ def emergence(rows: list[dict]) -> dict:
 
 class ReportStage(Stage):
     name = "report"
-    version = 2  # 2: revealed preferences read as the persona's rating and rank
+    version = 3  # 2: preferences as the persona's rating and rank; 3: ablation section
     reads = ()
 
     def enabled(self, view):
@@ -71,6 +71,8 @@ class ReportStage(Stage):
             sections.append(emergence(json.loads((by_target["eval/markers"][0] / "markers.json").read_text())))
         if "eval/elo" in by_target:
             sections.append(self._elo(by_target["eval/elo"][0], out, R))
+        if "eval/ablation" in by_target:
+            sections.append(self._ablation(by_target["eval/ablation"][0], out, R))
         if "eval/preferences" in by_target:
             sections.append(self._preferences(by_target["eval/preferences"][0]))
         for t in ("dpo-adapter", "sft-adapter"):
@@ -139,6 +141,18 @@ class ReportStage(Stage):
                 "text": f"Bradley-Terry ratings from {elo['matches']} pairwise judgements without system prompt "
                         f"({elo['invalid']} ties or invalid dropped), bootstrap mean and std.",
                 "table": {"columns": ["model", "Elo", "std", "95% interval"], "rows": rows}}
+
+    def _ablation(self, d: Path, out: Path, R) -> dict:
+        rows = json.loads((d / "ablation.json").read_text())
+        R.plot_marker_rates(rows, out / "ablation.png")
+        scales = sorted({r["scale"] for r in rows})
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        rate = {(r["model"], r["scale"], r["system_prompt"]): r["rate"] for r in rows}
+        table = [[m] + [f"{rate.get((m, x, False), float('nan')):.2f}" for x in scales] for m in models]
+        return {"title": "Ablation: marker rate vs data scale", "image": str(out / "ablation.png"),
+                "text": "Marker rate without the system prompt for each variant, trained on each share of the data "
+                        "(one spec; targets shared across scales were built once).",
+                "table": {"columns": ["model"] + [f"{round(x * 100)}%" for x in scales], "rows": table}}
 
     def _preferences(self, d: Path) -> dict:
         p = json.loads((d / "preferences.json").read_text())
