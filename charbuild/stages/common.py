@@ -35,6 +35,13 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def data_digest(name: str) -> str:
+    """Digest of a data file shipped with charbuild: content a stage is keyed on."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest((Path(__file__).resolve().parent.parent / "data" / name).read_bytes())
+
+
 def item_seed(stage: str, item: int, base: int = 0) -> int:
     """A per-item seed that does not depend on batch composition or shard layout."""
     import xxhash

@@ -23,6 +23,22 @@ def variant_inputs(name: str) -> dict[str, list[str]]:
     return dict(VARIANTS[name])
 
 
+def eval_fields(view: SpecView, reads: tuple[str, ...]) -> dict:
+    """The declared fields, with the held-out prompt pool keyed by its content, not its path."""
+    fields: dict = {}
+    for f in reads:
+        view.read(f, fields)
+    kind, ident = resolve_pool(view, view.spec.evals.prompts, ("evals", "prompts"))
+    fields["evals.prompts"] = {"kind": kind, **{k: v for k, v in ident.items() if k != "path"}}
+    return fields
+
+
+def eval_prompts(ctx, stage: str) -> list[dict]:
+    view = SpecView(ctx.loaded, ("evals.prompts",), stage)
+    kind, ident = resolve_pool(view, ctx.spec.evals.prompts, ("evals", "prompts"))
+    return load_pool(kind, ident, ctx.spec.evals.prompts_limit)
+
+
 class EvalSamples(Stage):
     name = "eval-samples"
     version = 1
@@ -32,11 +48,7 @@ class EvalSamples(Stage):
         return view.spec.evals.enabled
 
     def targets(self, view: SpecView):
-        fields: dict = {}
-        for f in self.reads:
-            view.read(f, fields)
-        kind, ident = resolve_pool(view, view.spec.evals.prompts, ("evals", "prompts"))
-        fields["evals.prompts"] = {"kind": kind, **{k: v for k, v in ident.items() if k != "path"}}
+        fields = eval_fields(view, self.reads)
         base = {"constitution": ["constitution"]} | model_inputs(view.spec, "student")
         return [TargetDef(f"eval/samples/{v}", self.name, fields, {"variant": v}, base | variant_inputs(v))
                 for v in view.spec.evals.variants]
@@ -54,9 +66,7 @@ class EvalSamples(Stage):
         spec = ctx.spec
         m = spec.models["student"]
         c = load_built(ctx.input("constitution"))
-        view = SpecView(ctx.loaded, ("evals.prompts",), self.name)
-        kind, ident = resolve_pool(view, spec.evals.prompts, ("evals", "prompts"))
-        prompts = load_pool(kind, ident, spec.evals.prompts_limit)
+        prompts = eval_prompts(ctx, self.name)
         items, reqs = [], []
         for pi, p in enumerate(prompts):
             for s in range(spec.evals.samples_per_prompt):

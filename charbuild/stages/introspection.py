@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import cost
 from .base import SpecView, Stage, TargetDef, shard_name, shard_ranges
-from .common import item_seed, model_inputs, read_jsonl, write_jsonl
+from .common import data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
 from .generate import filter_config, generate_checked, request
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -56,9 +56,7 @@ class _Introspection(Stage):
         if with_adapter:
             inputs["adapter"] = ["dpo-adapter"]
         # The prompts/greetings shipped with charbuild are content: key them.
-        import xxhash
-
-        fields[f"data:{self.data_file}"] = xxhash.xxh3_128_hexdigest((DATA_DIR / self.data_file).read_bytes())
+        fields[f"data:{self.data_file}"] = data_digest(self.data_file)
         return fields, inputs
 
     def targets(self, view):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from .. import cost
 from .base import SpecView, Stage, TargetDef
-from .common import item_seed, model_inputs, read_jsonl, write_jsonl
-from .evals import variant_inputs
+from .common import data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
+from .evals import eval_fields, eval_prompts, variant_inputs
 from .generate import request
-from .prompts import load_pool, resolve_pool
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -56,14 +55,8 @@ class PreferenceSamples(Stage):
         return view.spec.evals.enabled and view.spec.evals.preferences
 
     def targets(self, view: SpecView):
-        fields: dict = {}
-        for f in self.reads:
-            view.read(f, fields)
-        kind, ident = resolve_pool(view, view.spec.evals.prompts, ("evals", "prompts"))
-        fields["evals.prompts"] = {"kind": kind, **{k: v for k, v in ident.items() if k != "path"}}
-        import xxhash
-
-        fields["data:traits.yaml"] = xxhash.xxh3_128_hexdigest((DATA_DIR / "traits.yaml").read_bytes())
+        fields = eval_fields(view, self.reads)
+        fields["data:traits.yaml"] = data_digest("traits.yaml")
         base = model_inputs(view.spec, "student")
         return [TargetDef(f"eval/preferences/samples/{v}", self.name, fields, {"variant": v, "pair_seed": 123456},
                           base | variant_inputs(v)) for v in view.spec.evals.variants]
@@ -77,9 +70,7 @@ class PreferenceSamples(Stage):
     def run(self, ctx):
         spec = ctx.spec
         m = spec.models["student"]
-        view = SpecView(ctx.loaded, ("evals.prompts",), self.name)
-        kind, ident = resolve_pool(view, spec.evals.prompts, ("evals", "prompts"))
-        prompts = load_pool(kind, ident, spec.evals.prompts_limit)
+        prompts = eval_prompts(ctx, self.name)
         items = [(p, s) for p in prompts for s in range(spec.evals.samples_per_prompt)]
         pairs = trait_pairs(spec.persona, len(items), ctx.target.params["pair_seed"])
         reqs = [request(m, [{"role": "system", "content": CHOOSER.format(a=a, b=b)}, {"role": "user", "content": p["prompt"]}],
