@@ -41,7 +41,7 @@ def emergence(rows: list[dict]) -> dict:
 
 class ReportStage(Stage):
     name = "report"
-    version = 3  # 2: preferences as the persona's rating and rank; 3: ablation section
+    version = 4  # 2: preferences as the persona's rating and rank; 3: ablation section; 4: one line per variant
     reads = ()
 
     def enabled(self, view):
@@ -144,7 +144,8 @@ class ReportStage(Stage):
 
     def _ablation(self, d: Path, out: Path, R) -> dict:
         rows = json.loads((d / "ablation.json").read_text())
-        R.plot_marker_rates(rows, out / "ablation.png")
+        # One line per variant: the character without a system prompt is what scale buys.
+        R.plot_marker_rates([{**r, "series": r["model"]} for r in rows if not r["system_prompt"]], out / "ablation.png")
         scales = sorted({r["scale"] for r in rows})
         models = list(dict.fromkeys(r["model"] for r in rows))
         rate = {(r["model"], r["scale"], r["system_prompt"]): r["rate"] for r in rows}
