@@ -521,10 +521,10 @@ class CachedBackend:
 
 # -- wiring for the data stages ----------------------------------------------------------------
 
-def cached_backend_for(ctx, role: str, m, backend: Backend, cache: CallCache) -> CachedBackend:
-    """Wrap the backend a stage got for `role` with the call cache, keyed on the model's
-    identity: the model id plus, for local models, the weights/adapter digest and chat
-    template hash (the spec's `revision` for remote ones)."""
+def call_identity(ctx, role: str, m) -> tuple[str, str, str | None, str | None]:
+    """(backend kind, model id, weights/adapter digest, chat template digest) of the model a
+    stage uses for `role`: the model part of every call key (the spec's `revision` for
+    remote models)."""
     kind = getattr(m, "backend", "unknown")
     model_id = getattr(m, "model", str(role))
     mdig = tdig = None
@@ -541,4 +541,9 @@ def cached_backend_for(ctx, role: str, m, backend: Backend, cache: CallCache) ->
     rev = getattr(m, "revision", None)
     if rev:
         mdig = digest("ModelRevision", mdig, rev) if mdig else str(rev)
-    return CachedBackend(backend, cache, kind, model_id, mdig, tdig)
+    return kind, model_id, mdig, tdig
+
+
+def cached_backend_for(ctx, role: str, m, backend: Backend, cache: CallCache) -> CachedBackend:
+    """Wrap the backend a stage got for `role` with the call cache, keyed on the model's identity."""
+    return CachedBackend(backend, cache, *call_identity(ctx, role, m))

@@ -18,6 +18,10 @@ class Estimate:
         return Estimate(self.tokens_in + o.tokens_in, self.tokens_out + o.tokens_out, self.usd + o.usd,
                         self.gpu_hours + o.gpu_hours, self.calls + o.calls, self.calibrated and o.calibrated)
 
+    def scaled(self, f: float) -> "Estimate":
+        return Estimate(int(self.tokens_in * f), int(self.tokens_out * f), self.usd * f, self.gpu_hours * f,
+                        int(round(self.calls * f)), self.calibrated)
+
     def to_dict(self) -> dict:
         return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "usd": round(self.usd, 4),
                 "gpu_hours": round(self.gpu_hours, 4), "calls": self.calls}

@@ -37,12 +37,14 @@ class PlanRow:
     reason: str
     estimate: Estimate = field(default_factory=Estimate)
     may_cut_off: bool = False
+    calls: dict | None = None  # {"cached": n, "new": m} for a stale shard whose inputs are built
 
     def to_json(self) -> dict:
         e = self.estimate
         return {"name": self.name, "key": self.key, "stage": self.stage, "state": self.state, "reason": self.reason,
                 "est_tokens": {"in": e.tokens_in, "out": e.tokens_out}, "est_usd": round(e.usd, 4),
-                "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated, "may_cut_off": self.may_cut_off}
+                "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated, "may_cut_off": self.may_cut_off,
+                "calls": self.calls}
 
 
 @dataclass
@@ -106,8 +108,35 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
         # An input will be rebuilt first; if it comes out identical, this one is kept.
         may = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
         est = node.stage.estimate(node.defn, ectx_for(node.defn.spec))
-        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, est, may))
+        calls = None if may else count_calls(node, graph, node.defn.spec or loaded, cache)
+        if calls and calls["cached"]:
+            # Only the new calls cost anything: scale the estimate to them.
+            est = est.scaled(calls["new"] / max(1, calls["cached"] + calls["new"]))
+        rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, est, may, calls))
     return Plan(loaded.spec.name, loaded.spec.run_name, rows)
+
+
+def count_calls(node, graph, loaded, cache: Cache) -> dict | None:
+    """How many of a stale shard's generation calls are already in the call cache.
+
+    Only for stages that can list their calls (`planned_calls`) and whose inputs are all
+    built: the calls are rendered exactly as `run` will send them and looked up by key."""
+    planned = getattr(node.stage, "planned_calls", None)
+    if planned is None:
+        return None
+    from .callcache import CallCache, call_identity, call_key, occurrence_indices
+    from .stages.base import BuildContext
+
+    inputs = {slot: [cache.path(graph[n].key) for n in names] for slot, names in node.defn.inputs.items()}
+    ctx = BuildContext(node.defn, node.key, loaded, cache.root, inputs, None, None, False)
+    try:
+        role, m, reqs = planned(ctx)
+    except (OSError, ValueError, KeyError):
+        return None  # an input is unreadable: `run` will say so
+    calls = CallCache(cache.root)
+    ident = call_identity(ctx, role, m)
+    cached = sum(calls.has(call_key(*ident, r, i)) for r, i in zip(reqs, occurrence_indices(reqs)))
+    return {"cached": cached, "new": len(reqs) - cached}
 
 
 # -- the memo behind a fast null plan -----------------------------------------------------
@@ -176,7 +205,9 @@ def render_table(plan: Plan) -> str:
         tok = f"{_si(e.tokens_in)}/{_si(e.tokens_out)}" if stale and (e.tokens_in or e.tokens_out) else ""
         usd = f"${e.usd:,.2f}" if stale and e.usd else ""
         gpu = f"{e.gpu_hours:.2f}" if stale and e.gpu_hours else ""
-        rows.append([r.name, "build (may cut off)" if r.may_cut_off else r.state, r.reason, tok, usd, gpu])
+        reason = r.reason + (f" ({r.calls['cached']} of {r.calls['cached'] + r.calls['new']} calls cached)"
+                             if r.calls and r.calls["cached"] else "")
+        rows.append([r.name, "build (may cut off)" if r.may_cut_off else r.state, reason, tok, usd, gpu])
     t = plan.total
     rows.append(["TOTAL", f"{len(plan.to_build)} to build", f"{len(plan.rows) - len(plan.to_build)} cached",
                  f"{_si(t.tokens_in)}/{_si(t.tokens_out)}", f"${t.usd:,.2f}", f"{t.gpu_hours:.2f}"])

@@ -243,3 +243,23 @@ def test_status_shows_spend_per_spec_and_per_model_with_estimates(tmp_path, serv
     teacher = next(l for l in out.splitlines() if l.startswith("teacher-model"))
     assert teacher.split()[1] == "30" and float(teacher.split()[2]) > 0  # 30 calls, priced
     assert next(l for l in out.splitlines() if l.startswith("student-model")).split()[1] == "30"
+
+
+def test_plan_counts_cached_calls_per_shard_and_prices_only_the_new_ones(tmp_path, server, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    cache = str(tmp_path / "cache")
+    price = ["--set", "prices.teacher-model={input: 1, output: 2}"]
+    assert run(str(spec), "teacher-responses/shard-0000", "--cache", cache, *price) == 0
+    # A filter change makes the shard stale, but every call it will send is already answered.
+    sets = ["--cache", cache, *price, "--set", "filters.max_chars=19999"]
+    rows = {t["name"]: t for t in plan_json(str(spec), *sets)["targets"]}
+    t0 = rows["teacher-responses/shard-0000"]
+    assert t0["state"] == "build" and t0["calls"] == {"cached": 10, "new": 0} and t0["est_usd"] == 0
+    t1 = rows["teacher-responses/shard-0001"]
+    assert t1["calls"] == {"cached": 0, "new": 10} and t1["est_usd"] > 0
+    # Building it now asks the server nothing: every call comes from the call cache.
+    before = server.stats()["completed"]
+    assert run(str(spec), "teacher-responses/shard-0000", *sets) == 0
+    assert server.stats()["completed"] == before

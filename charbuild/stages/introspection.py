@@ -89,7 +89,7 @@ class Reflections(_Introspection):
         out = min(spec.expect.reflection_tokens, spec.introspection.reflection_max_tokens)
         return cost.generation(ctx, spec.models[role], self.name, target.params["count"], tin, out)
 
-    def run(self, ctx):
+    def _requests(self, ctx):
         from .constitution import load_built
 
         spec = ctx.spec
@@ -102,6 +102,16 @@ class Reflections(_Introspection):
         items = list(range(start, start + count))
         reqs = [request(m, [{"role": "system", "content": system}, {"role": "user", "content": prompts[j % len(prompts)]}],
                         item_seed(self.name, j), spec.introspection.reflection_max_tokens) for j in items]
+        return role, m, c, prompts, items, reqs
+
+    def planned_calls(self, ctx):
+        """(role, model, requests) exactly as `run` will send them: `plan` counts cached calls."""
+        role, m, _, _, _, reqs = self._requests(ctx)
+        return role, m, reqs
+
+    def run(self, ctx):
+        spec = ctx.spec
+        role, m, c, prompts, items, reqs = self._requests(ctx)
         f = spec.introspection.reflection_filters
         cfg = filter_config(f, c.language, c.system_prompt())
         recs, quality = generate_checked(ctx, role, m, reqs, cfg, f, ctx.target.name)

@@ -36,11 +36,10 @@ class _Responses(Stage):
         tin = spec.expect.prompt_tokens + (ctx.system_prompt_tokens if self.with_constitution else 0) + 10
         return cost.generation(ctx, spec.models[self.role], self.name, target.params["count"], tin, spec.expect.response_tokens)
 
-    def run(self, ctx):
+    def _requests(self, ctx):
         from .constitution import load_built
 
-        spec = ctx.spec
-        m = spec.models[self.role]
+        m = ctx.spec.models[self.role]
         prompts = list(read_jsonl(ctx.input("prompts") / "prompts.jsonl"))
         c = load_built(ctx.input("constitution"))
         system = c.system_prompt() if self.with_constitution else None
@@ -51,6 +50,16 @@ class _Responses(Stage):
             p = prompts[j % len(prompts)]
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p["prompt"]}]
             reqs.append(request(m, msgs, item_seed(self.name, j)))
+        return m, c, system, prompts, items, reqs
+
+    def planned_calls(self, ctx):
+        """(role, model, requests) exactly as `run` will send them: `plan` counts cached calls."""
+        m, _, _, _, _, reqs = self._requests(ctx)
+        return self.role, m, reqs
+
+    def run(self, ctx):
+        spec = ctx.spec
+        m, c, system, prompts, items, reqs = self._requests(ctx)
         # The student's answers are the rejected side: they are not filtered for quality
         # (a weak answer is the point), only truncated at invented turns by the pair join.
         cfg = filter_config(spec.filters, c.language, system) if self.with_constitution else None
