@@ -17,6 +17,8 @@ from .stages.base import Estimate
 
 PRICES_FILE = Path(__file__).parent / "data" / "prices.yaml"
 
+MAX_OUTS = 5000  # per-call output lengths kept per (stage, model)
+
 # Rough training throughput (tokens/s on one GPU incl. backward) relative to generation.
 TRAIN_SLOWDOWN = 3.0
 
@@ -98,8 +100,18 @@ class Calibration:
             return None
         return s["tokens_in"] / s["calls"], s["tokens_out"] / s["calls"]
 
+    def out_range(self, stage: str, model: str) -> tuple[float, float] | None:
+        """p50 and p90 of the output tokens per call measured for this stage and model."""
+        outs = (self.stats.get(f"{stage}|{model}") or {}).get("outs")
+        if not outs:
+            return None
+        import numpy as np
+
+        return float(np.percentile(outs, 50)), float(np.percentile(outs, 90))
+
     @staticmethod
-    def record(cache, stage: str, model: str, calls: int, tokens_in: int, tokens_out: int) -> None:
+    def record(cache, stage: str, model: str, calls: int, tokens_in: int, tokens_out: int,
+               outs: list[int] = ()) -> None:
         if not calls:
             return
         with cache.index.transact():
@@ -108,6 +120,7 @@ class Calibration:
             s["calls"] += calls
             s["tokens_in"] += tokens_in
             s["tokens_out"] += tokens_out
+            s["outs"] = (s.get("outs", []) + list(outs))[-MAX_OUTS:]  # the recent distribution
             cache.index.set(("calibration",), stats)
 
 
@@ -120,9 +133,12 @@ def generation(ctx, m: ModelSpec, stage: str, calls: int, tin_per_call: float, t
         calibrated = True
     tin, tout = int(calls * tin_per_call), int(calls * tout_per_call)
     est = Estimate(tin, tout, calls=calls, calibrated=calibrated)
+    rng = ctx.calibration.out_range(stage, m.model)
+    est.tokens_out_p50, est.tokens_out_p90 = (int(calls * rng[0]), int(calls * rng[1])) if rng else (tout, tout)
     if m.backend == "openai":
         p = ctx.prices.price(m)
         est.usd = (tin * p["input"] + tout * p["output"]) / 1e6
+        est.usd_p90 = (tin * p["input"] + est.tokens_out_p90 * p["output"]) / 1e6
     elif size_class(m) != "tiny":  # tiny models run on CPU: no GPU-hours
         # Prefill is ~10x cheaper per token than decoding.
         est.gpu_hours = (tin * 0.1 + tout) / ctx.prices.throughput(m) / 3600

@@ -80,8 +80,10 @@ class Spend:
     tokens_in: int = 0
     tokens_out: int = 0
     calls: int = 0
+    outs: list = field(default_factory=list)
 
     def add_usage(self, m, tokens_in: int, tokens_out: int) -> None:
+        self.outs.append(tokens_out)  # per-call lengths: the distribution plans quote p50-p90 from
         self.calls += 1
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
@@ -153,6 +155,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
             return "cut-off"
         t0 = time.time()
         before = spend.snapshot()
+        first_out = len(spend.outs)
         with cache.staging(node.key) as out_dir:
             ctx = BuildContext(node.defn, node.key, node.defn.spec or loaded, out_dir, inputs, backends, spend, progress,
                                force_gates, call_cache)
@@ -173,7 +176,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, backends, spend: S
         cache.index.delete(("failed", node.key))
         if ckey:
             cache.index.set(("cutoff", ckey), node.key)
-        _calibrate(cache, node, loaded, usage)
+        _calibrate(cache, node, loaded, usage, spend.outs[first_out:])
     return state
 
 
@@ -193,13 +196,13 @@ def cutoff_key(node: Node, graph: Graph, cache: Cache) -> str | None:
     return digest("Cutoff", node.stage.name, node.stage.version, node.defn.fields, node.defn.params, contents)
 
 
-def _calibrate(cache: Cache, node: Node, loaded, usage: dict) -> None:
+def _calibrate(cache: Cache, node: Node, loaded, usage: dict, outs: list[int]) -> None:
     from .cost import Calibration
 
     models = [k.split(".", 1)[1] for k in node.defn.fields if k.startswith("models.")]
     if usage.get("calls") and models:
         m = loaded.spec.models[models[0]]
-        Calibration.record(cache, node.stage.name, m.model, usage["calls"], usage["tokens_in"], usage["tokens_out"])
+        Calibration.record(cache, node.stage.name, m.model, usage["calls"], usage["tokens_in"], usage["tokens_out"], outs)
 
 
 def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor | None = None,

@@ -42,7 +42,9 @@ class PlanRow:
     def to_json(self) -> dict:
         e = self.estimate
         return {"name": self.name, "key": self.key, "stage": self.stage, "state": self.state, "reason": self.reason,
-                "est_tokens": {"in": e.tokens_in, "out": e.tokens_out}, "est_usd": round(e.usd, 4),
+                "est_tokens": {"in": e.tokens_in, "out": e.tokens_out, "out_p50": e.tokens_out_p50,
+                               "out_p90": e.tokens_out_p90},
+                "est_usd": round(e.usd, 4), "est_usd_p90": round(e.usd_p90, 4),
                 "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated, "may_cut_off": self.may_cut_off,
                 "calls": self.calls}
 
@@ -70,7 +72,9 @@ class Plan:
         t = self.total
         return {"spec": self.spec_name, "run": self.run_name, "targets": [r.to_json() for r in self.rows],
                 "total": {"targets": len(self.rows), "build": len(self.to_build), "cached": len(self.rows) - len(self.to_build),
-                          "est_tokens": {"in": t.tokens_in, "out": t.tokens_out}, "est_usd": round(t.usd, 4),
+                          "est_tokens": {"in": t.tokens_in, "out": t.tokens_out, "out_p50": t.tokens_out_p50,
+                                         "out_p90": t.tokens_out_p90},
+                          "est_usd": round(t.usd, 4), "est_usd_p90": round(t.usd_p90, 4),
                           "est_gpu_hours": round(t.gpu_hours, 4)}}
 
 
@@ -202,7 +206,9 @@ def render_table(plan: Plan) -> str:
     for r in plan.rows:
         e = r.estimate
         stale = r.state != "cached"
-        tok = f"{_si(e.tokens_in)}/{_si(e.tokens_out)}" if stale and (e.tokens_in or e.tokens_out) else ""
+        out = (f"{_si(e.tokens_out_p50)}-{_si(e.tokens_out_p90)}" if e.calibrated and e.tokens_out_p90 > e.tokens_out_p50
+               else _si(e.tokens_out))
+        tok = f"{_si(e.tokens_in)}/{out}" if stale and (e.tokens_in or e.tokens_out) else ""
         usd = f"${e.usd:,.2f}" if stale and e.usd else ""
         gpu = f"{e.gpu_hours:.2f}" if stale and e.gpu_hours else ""
         reason = r.reason + (f" ({r.calls['cached']} of {r.calls['cached'] + r.calls['new']} calls cached)"
@@ -211,7 +217,7 @@ def render_table(plan: Plan) -> str:
     t = plan.total
     rows.append(["TOTAL", f"{len(plan.to_build)} to build", f"{len(plan.rows) - len(plan.to_build)} cached",
                  f"{_si(t.tokens_in)}/{_si(t.tokens_out)}", f"${t.usd:,.2f}", f"{t.gpu_hours:.2f}"])
-    return table(["target", "state", "reason", "tokens in/out", "usd", "gpu-h"], rows)
+    return table(["target", "state", "reason", "tokens in/out (p50-p90)", "usd", "gpu-h"], rows)
 
 
 def _si(n: float) -> str:

@@ -152,6 +152,9 @@ def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, mon
     assert after["teacher-responses/shard-0000"]["state"] == "cached"
     # The fake server's replies are ~45 words, far below the spec's expected 400 tokens.
     assert new["est_tokens"]["out"] < before["teacher-responses/shard-0003"]["est_tokens"]["out"] / 3
+    # A range from the measured distribution: some replies carry an invented turn (longer).
+    rng = new["est_tokens"]
+    assert 0 < rng["out_p50"] < rng["out_p90"] and rng["out"] <= rng["out_p90"] and new["est_usd_p90"] >= new["est_usd"]
 
 
 def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, monkeypatch, capsys):
