@@ -124,6 +124,20 @@ class Calibration:
             cache.index.set(("calibration",), stats)
 
 
+def prompt_tokens(requests, tokenizer_json: Path | None) -> tuple[int, bool]:
+    """Input tokens of rendered requests: with the model's own tokenizer when it is on disk
+    (`tokenizers` only: no transformers import), else the ~4 characters per token heuristic.
+    Returns (tokens, exact). Chat-template framing is counted as 4 tokens per message."""
+    texts = [msg["content"] for r in requests for msg in r.messages]
+    framing = 4 * len(texts)
+    if tokenizer_json is not None and Path(tokenizer_json).is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        return sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)) + framing, True
+    return sum(approx_tokens(t) for t in texts) + framing, False
+
+
 def generation(ctx, m: ModelSpec, stage: str, calls: int, tin_per_call: float, tout_per_call: float) -> Estimate:
     """Estimate `calls` generations on model `m`: API dollars, or GPU-hours for local models."""
     calibrated = False

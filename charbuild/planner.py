@@ -113,9 +113,16 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
         may = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
         est = node.stage.estimate(node.defn, ectx_for(node.defn.spec))
         calls = None if may else count_calls(node, graph, node.defn.spec or loaded, cache)
-        if calls and calls["cached"]:
-            # Only the new calls cost anything: scale the estimate to them.
-            est = est.scaled(calls["new"] / max(1, calls["cached"] + calls["new"]))
+        if calls:
+            if calls["cached"]:  # only the new calls cost anything
+                est = est.scaled(calls["new"] / max(1, calls["cached"] + calls["new"]))
+            # The prompts are known: count their tokens instead of expecting them.
+            m = calls.pop("model")
+            if m.backend == "openai":
+                delta = (calls["tokens_in_new"] - est.tokens_in) * ectx_for(node.defn.spec).prices.price(m)["input"] / 1e6
+                est.usd += delta
+                est.usd_p90 += delta
+            est.tokens_in = calls["tokens_in_new"]
         rows.append(PlanRow(name, node.key, node.stage.name, "build", reason, est, may, calls))
     return Plan(loaded.spec.name, loaded.spec.run_name, rows)
 
@@ -137,10 +144,16 @@ def count_calls(node, graph, loaded, cache: Cache) -> dict | None:
         role, m, reqs = planned(ctx)
     except (OSError, ValueError, KeyError):
         return None  # an input is unreadable: `run` will say so
+    from .cost import prompt_tokens
+
     calls = CallCache(cache.root)
     ident = call_identity(ctx, role, m)
-    cached = sum(calls.has(call_key(*ident, r, i)) for r, i in zip(reqs, occurrence_indices(reqs)))
-    return {"cached": cached, "new": len(reqs) - cached}
+    new = [r for r, i in zip(reqs, occurrence_indices(reqs)) if not calls.has(call_key(*ident, r, i))]
+    slot = f"model:{role}"
+    model_dir = Path(ctx.input(slot)) if slot in inputs else Path(m.model)
+    tokens, exact = prompt_tokens(new, model_dir / "tokenizer.json")
+    return {"cached": len(reqs) - len(new), "new": len(new), "tokens_in_new": tokens, "tokens_exact": exact,
+            "model": m}
 
 
 # -- the memo behind a fast null plan -----------------------------------------------------

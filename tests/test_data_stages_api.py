@@ -259,10 +259,25 @@ def test_plan_counts_cached_calls_per_shard_and_prices_only_the_new_ones(tmp_pat
     sets = ["--cache", cache, *price, "--set", "filters.max_chars=19999"]
     rows = {t["name"]: t for t in plan_json(str(spec), *sets)["targets"]}
     t0 = rows["teacher-responses/shard-0000"]
-    assert t0["state"] == "build" and t0["calls"] == {"cached": 10, "new": 0} and t0["est_usd"] == 0
+    assert t0["state"] == "build" and (t0["calls"]["cached"], t0["calls"]["new"]) == (10, 0) and t0["est_usd"] == 0
     t1 = rows["teacher-responses/shard-0001"]
-    assert t1["calls"] == {"cached": 0, "new": 10} and t1["est_usd"] > 0
+    assert (t1["calls"]["cached"], t1["calls"]["new"]) == (0, 10) and t1["est_usd"] > 0
     # Building it now asks the server nothing: every call comes from the call cache.
     before = server.stats()["completed"]
     assert run(str(spec), "teacher-responses/shard-0000", *sets) == 0
     assert server.stats()["completed"] == before
+
+
+def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    cache = str(tmp_path / "cache")
+    assert run(str(spec), "prompts", "constitution", "--cache", cache) == 0
+    rows = {t["name"]: t for t in plan_json(str(spec), "--cache", cache)["targets"]}
+    t = rows["teacher-responses/shard-0000"]
+    assert t["calls"]["new"] == 10 and t["calls"]["tokens_exact"] is False  # an API model: no local tokenizer
+    # The teacher's prompts carry the whole constitution: far more than the spec's 60-token guess.
+    assert t["est_tokens"]["in"] == t["calls"]["tokens_in_new"] > 10 * 300
+    s = rows["student-responses/shard-0000"]
+    assert s["est_tokens"]["in"] < t["est_tokens"]["in"] / 5  # the student sees no system prompt
