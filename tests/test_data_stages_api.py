@@ -157,17 +157,22 @@ def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, mon
     assert 0 < rng["out_p50"] < rng["out_p90"] and rng["out"] <= rng["out_p90"] and new["est_usd_p90"] >= new["est_usd"]
 
 
+# The plan expects 1-token replies (under budget); the real ones cost far more, so the run
+# starts and the per-call reservations stop it at a call boundary.
+OVER_BUDGET = ["--set", "prices.teacher-model={input: 1000, output: 100000}",
+               "--set", "prices.student-model={input: 0, output: 0}", "--set", "budget.max_usd=30",
+               "--set", "models.teacher.sampling.max_tokens=60", "--set", "expect.response_tokens=1"]
+
+
 def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
-    # The plan expects tiny answers (under budget); the real ones cost more.
-    sets = ["--set", "prices.teacher-model={input: 1000, output: 1000}", "--set", "budget.max_usd=1.5",
-            "--set", "expect.response_tokens=1", "--set", "expect.prompt_tokens=1"]
-    code = run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache"), *sets)
+    code = run(str(spec), "teacher-responses/shard-0000", "teacher-responses/shard-0001", "teacher-responses/shard-0002",
+               "--cache", str(tmp_path / "cache"), *OVER_BUDGET)
     assert code == 1
-    assert "over budget.max_usd" in capsys.readouterr().err
-    assert server.stats()["completed"] < 60
+    assert "budget cap reached: budget.max_usd is $30" in capsys.readouterr().err
+    assert 0 < server.stats()["completed"] < 30  # it started, then stopped
 
 
 def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_path, monkeypatch):
@@ -281,3 +286,17 @@ def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, mo
     assert t["est_tokens"]["in"] == t["calls"]["tokens_in_new"] > 10 * 300
     s = rows["student-responses/shard-0000"]
     assert s["est_tokens"]["in"] < t["est_tokens"]["in"] / 5  # the student sees no system prompt
+
+
+def test_a_higher_cap_finishes_the_build_without_asking_any_call_twice(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url)
+    cache = str(tmp_path / "cache")
+    assert run(str(spec), "dpo-pairs", "--cache", cache, *OVER_BUDGET) == 1
+    assert "budget cap reached" in capsys.readouterr().err
+    first = server.stats()["completed"]
+    assert 0 < first < 60
+    assert run(str(spec), "dpo-pairs", "--cache", cache, *OVER_BUDGET, "--set", "budget.max_usd=100000") == 0
+    # Every call answered before the stop was stored: the rerun asked only the rest.
+    assert server.stats()["completed"] == 60
