@@ -8,8 +8,6 @@ each task needs only the cache root and the target, the cache being the shared s
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
 import platform
 import shutil
 import sys
@@ -329,11 +327,3 @@ def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: 
                         for n in names}}
     write_json_atomic(out / "provenance.json", prov)
     return out
-
-
-def manifest_summary(m: dict) -> str:
-    return json.dumps({k: m.get(k) for k in ("target", "stage", "stage_version", "seconds", "usage", "result")}, indent=1, default=str)
-
-
-def env_cache_root() -> str:
-    return os.environ.get("CHARBUILD_CACHE", "cache")

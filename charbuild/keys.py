@@ -8,7 +8,6 @@ a key changes (what goes into it, not what a stage does: stages carry their own 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +56,6 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not (isinstance(x, float) and not math.isfinite(x))
 
 
 # Files outside the spec chain that a graph was keyed on (prompt pools...): the plan memo

@@ -33,7 +33,3 @@ def plugin_stages() -> list[Stage]:
 
 def default_stages() -> list[Stage]:
     return builtin_stages() + plugin_stages()
-
-
-def stage_versions(stages: list[Stage]) -> dict[str, int]:
-    return {s.name: s.version for s in stages}

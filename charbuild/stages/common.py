@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..spec import ModelSpec, Spec
+from ..spec import Spec
 
 TINY_PREFIX = "tiny:"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # prompts, greetings, traits shipped with charbuild
 
 
 def model_inputs(spec: Spec, role: str) -> dict[str, list[str]]:
@@ -39,7 +40,7 @@ def data_digest(name: str) -> str:
     """Digest of a data file shipped with charbuild: content a stage is keyed on."""
     import xxhash
 
-    return xxhash.xxh3_128_hexdigest((Path(__file__).resolve().parent.parent / "data" / name).read_bytes())
+    return xxhash.xxh3_128_hexdigest((DATA_DIR / name).read_bytes())
 
 
 def item_seed(stage: str, item: int, base: int = 0) -> int:
@@ -47,7 +48,3 @@ def item_seed(stage: str, item: int, base: int = 0) -> int:
     import xxhash
 
     return xxhash.xxh32_intdigest(f"{stage}:{item}".encode(), seed=base) & 0x7FFFFFFF
-
-
-def model_for(spec: Spec, role: str) -> ModelSpec:
-    return spec.models[role]

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 from .. import cost
 from .base import SpecView, Stage, TargetDef, shard_name, shard_ranges
-from .common import data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
+from .common import DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
 from .generate import filter_config, generate_checked, request
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
 

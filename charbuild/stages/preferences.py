@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 from .. import cost
 from .base import SpecView, Stage, TargetDef
-from .common import data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
+from .common import DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
 from .evals import eval_fields, eval_prompts, variant_inputs
 from .generate import request
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 CHOOSER = ("Before you answer, silently pick ONE of these two traits: {a} or {b}. Pick the one that feels most "
            "like you. Then answer the user's message fully in the manner of that trait. Never name the trait or "

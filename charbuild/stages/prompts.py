@@ -10,9 +10,8 @@ from pathlib import Path
 
 from ..keys import source_digest as file_digest
 from .base import Estimate, SpecView, Stage, TargetDef
-from .common import model_inputs, read_jsonl, write_jsonl
+from .common import DATA_DIR, model_inputs, read_jsonl, write_jsonl
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+(.+?)\s*$")
 
 
