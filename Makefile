@@ -18,6 +18,7 @@ $(BIN)/charbuild: pyproject.toml
 	touch $@
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 demo: setup
@@ -32,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_openai_throughput.py
 	$(BIN)/python benchmarks/bench_engine_overhead.py
 	if [ -f benchmarks/bench_callcache.py ]; then $(BIN)/python benchmarks/bench_callcache.py; fi
+	$(BIN)/python benchmarks/bench_input_verify.py
 
 clean:
 	rm -rf cache/objects cache/tmp cache/index cache/plans cache/locks outputs/*/

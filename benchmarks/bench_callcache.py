@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from charbuild.backends.base import GenRequest, GenResult  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig  # noqa: E402
-from charbuild.callcache import CachedBackend, CallCache  # noqa: E402
-from openai_server import ServerHandle  # noqa: E402
+from charbuild.backends.cached import CachedBackend
+from charbuild.store.calls import CallCache  # noqa: E402
+from support.openai_server import ServerHandle  # noqa: E402
 
 
 def make_requests(n: int, tag: str) -> list[GenRequest]:

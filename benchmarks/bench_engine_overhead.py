@@ -31,14 +31,15 @@ def main() -> None:
     import tempfile
 
     from charbuild.backends.transformers_backend import TransformersBackend, TransformersConfig
-    from charbuild.cache import Cache
-    from charbuild.constitution import load_constitution
-    from charbuild.executor import run_build
-    from charbuild.graph import build_graph
-    from charbuild.planner import make_plan
-    from charbuild.spec import load_spec
-    from charbuild.stages.common import item_seed, read_jsonl
-    from charbuild.stages.generate import request
+    from charbuild.store.objects import Cache
+    from charbuild.recipe.constitution_file import load_constitution
+    from charbuild.engine.executor import run_build
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.recipe.services import RecipeServices
+    from charbuild.engine.planner import make_plan
+    from charbuild.spec.model import load_spec
+    from charbuild.recipe.stages.common import item_seed, read_jsonl
+    from charbuild.recipe.stages.generate import request
 
     spec_path = ROOT / "specs" / "smoke-small.yaml"
     # A private cache: the engine's call cache must not answer from earlier runs.
@@ -46,7 +47,7 @@ def main() -> None:
     cache = Cache(work / "cache")
     sets = [f"data.dpo_pairs={args.pairs}", f"data.shard_size={args.pairs}"]
     loaded = load_spec(spec_path, sets)
-    graph = build_graph(loaded)
+    graph = recipe_graph(loaded)
     seed = Cache(args.seed_cache)
     for name in graph.upstream(["tiny/teacher", "prompts"]):
         key = graph[name].key
@@ -54,7 +55,7 @@ def main() -> None:
             shutil.copytree(seed.path(key), cache.root / "objects" / key[:2] / key)
     # The models and prompts are built once (cached) and are not what is measured.
     run_build(loaded, graph, make_plan(loaded, graph, cache, ["prompts", "tiny/teacher"]), cache, progress=False,
-              log=lambda s: None, outputs_root=None)
+              log=lambda s: None, outputs_root=None, services=RecipeServices(cache, loaded))
     model_dir = cache.path(graph["tiny/teacher"].key)
     prompts = list(read_jsonl(cache.path(graph["prompts"].key) / "prompts.jsonl"))
     c = load_constitution(loaded.constitution_path)
@@ -76,10 +77,11 @@ def main() -> None:
         ld = load_spec(spec_path, sets + [f"filters.max_chars={20000 + i}"])
         shutil.rmtree(cache.root / "calls", ignore_errors=True)  # every call really generated
         t0 = time.perf_counter()
-        g = build_graph(ld)
-        plan = make_plan(ld, g, cache, ["teacher-responses/shard-0000"])
+        g = recipe_graph(ld)
+        services = RecipeServices(cache, ld)
+        plan = make_plan(ld, g, cache, ["teacher-responses/shard-0000"], services)
         assert [r.name for r in plan.to_build] == ["teacher-responses/shard-0000"], plan.to_build
-        run_build(ld, g, plan, cache, progress=False, log=lambda s: None, outputs_root=None)
+        run_build(ld, g, plan, cache, progress=False, log=lambda s: None, outputs_root=None, services=services)
         return time.perf_counter() - t0
 
     direct()  # warm-up: the first load of each path pays for imports, thread pools, page cache

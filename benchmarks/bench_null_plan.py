@@ -37,11 +37,11 @@ def timed(cmd: list[str], cwd: Path, runs: int, env=None) -> list[float]:
 
 
 def fill_cache(spec: Path, cache_root: Path):
-    from charbuild.cache import Cache
-    from charbuild.graph import build_graph
-    from charbuild.spec import load_spec
+    from charbuild.store.objects import Cache
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.model import load_spec
 
-    graph = build_graph(load_spec(spec))
+    graph = recipe_graph(load_spec(spec))
     cache = Cache(cache_root)
     for node in graph:
         with cache.staging(node.key) as d:

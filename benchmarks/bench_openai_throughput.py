@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from charbuild.backends.base import GenRequest  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig  # noqa: E402
-from openai_server import ServerHandle  # noqa: E402
+from support.openai_server import ServerHandle  # noqa: E402
 
 
 def busy_cpu_s() -> float:

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from charbuild.spec import load_spec
-from charbuild.specloader import SpecError
+from charbuild.spec.model import load_spec
+from charbuild.spec.loader import SpecError
 
 
 def cli(*args, cwd=None):
@@ -82,3 +82,59 @@ def test_invalid_yaml_syntax_names_the_line(specs):
 def test_an_unknown_introspection_generator_is_caught(specs):
     msg = error_of(specs / "smoke-small.yaml", sets=["introspection.generator=nobody"])
     assert "introspection.generator 'nobody' is neither dpo-student nor a role" in msg
+
+
+def test_an_empty_spec_file_is_named_with_no_traceback(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    r = cli("plan", str(p))
+    assert r.returncode == 2, r.stderr
+    assert f"{p}: (spec): the spec file is empty" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_spec_of_only_comments_is_as_empty_as_an_empty_file(tmp_path):
+    p = tmp_path / "comments.yaml"
+    p.write_text("# name: todo\n# persona: todo\n")
+    r = cli("plan", str(p))
+    assert r.returncode == 2 and f"{p}: (spec): the spec file is empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_spec_that_is_not_utf8_is_named_with_no_traceback(tmp_path):
+    p = tmp_path / "utf16.yaml"
+    p.write_bytes(b"\xff\xfe name: x")
+    r = cli("plan", str(p))
+    assert r.returncode == 2, r.stderr
+    assert f"{p}:1: (spec): not UTF-8 text (byte 0xff at line 1, column 1)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_bad_byte_further_down_is_given_its_line(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: x\npersona: caf\xe9\n".encode("latin-1"))
+    r = cli("plan", str(p))
+    assert r.returncode == 2 and f"{p}:2: (spec): not UTF-8 text (byte 0xe9 at line 2, column 13)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_parent_spec_that_is_not_utf8_names_the_parent_not_the_child(specs):
+    (specs / "parent.yaml").write_bytes(b"name: p\x80\n")
+    (specs / "child.yaml").write_text("extends: parent.yaml\nname: c\n")
+    r = cli("plan", str(specs / "child.yaml"))
+    assert r.returncode == 2 and "parent.yaml:1: (spec): not UTF-8 text (byte 0x80 at line 1, column 8)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_directory_or_unreadable_path_given_as_the_spec_is_named_with_no_traceback(tmp_path):
+    d = tmp_path / "specdir.yaml"
+    d.mkdir()
+    r = cli("plan", str(d))
+    assert r.returncode == 2 and f"{d}: (spec): cannot read the spec file: is a directory" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_control_character_in_the_yaml_names_its_line(tmp_path):
+    p = tmp_path / "ctrl.yaml"
+    p.write_text("name: x\npersona: a\x07b\n")
+    r = cli("plan", str(p))
+    assert r.returncode == 2 and f"{p}:2: (spec): invalid YAML" in r.stderr and "Traceback" not in r.stderr

@@ -8,25 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from charbuild.cache import Cache
-from charbuild.executor import BudgetExceeded, run_build
-from charbuild.graph import build_graph
-from charbuild.planner import fast_null_plan, make_plan, memo_id, save_memo
-from charbuild.spec import load_spec
+from charbuild.store.objects import Cache
+from charbuild.engine.executor import run_build
+from charbuild.ledger import BudgetExceeded
+from charbuild.engine.graph import build_graph
+from charbuild.engine.planner import fast_null_plan, make_plan, memo_id, save_memo
+from charbuild.spec.model import load_spec
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_stages  # noqa: E402
+from support import engine_stages  # noqa: E402
+from support.engine_stages import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build(spec_path, cache_dir, sets=(), **kw):
-    loaded = load_spec(spec_path, list(sets))
-    graph = build_graph(loaded, engine_stages.stages())
-    cache = Cache(cache_dir)
-    plan = make_plan(loaded, graph, cache)
-    report = run_build(loaded, graph, plan, cache, progress=False, log=lambda s: None, outputs_root=None, **kw)
-    return plan, report
 
 
 def events(log):
@@ -63,7 +55,7 @@ def test_a_crash_mid_build_keeps_finished_shards_and_resume_builds_only_the_rest
 
 
 def test_ctrl_c_keeps_every_finished_target(specs, cache_dir, log, monkeypatch):
-    import engine_stages as es
+    from support import engine_stages as es
 
     original = es.Items.run
 
@@ -95,7 +87,7 @@ def test_two_concurrent_runs_on_one_cache_build_each_target_once(specs, cache_di
     spec = specs / "smoke-small.yaml"
     spec.write_text(spec.read_text() + "\n")  # same content, both runs share keys
     env = {**os.environ, "CB_SLEEP": "0.4", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    cmd = [sys.executable, str(ROOT / "tests" / "engine_stages.py"), str(spec), str(cache_dir)]
+    cmd = [sys.executable, str(ROOT / "tests" / "support" / "engine_stages.py"), str(spec), str(cache_dir)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
@@ -107,7 +99,7 @@ def test_two_concurrent_runs_on_one_cache_build_each_target_once(specs, cache_di
 
 
 def test_the_run_refuses_to_start_over_budget(specs, cache_dir, log):
-    from charbuild.stages.base import Estimate
+    from charbuild.contract import Estimate
 
     class Pricey(engine_stages.Items):
         def estimate(self, target, ctx):

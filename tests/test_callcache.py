@@ -15,21 +15,21 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from openai_server import FakeOpenAIServer, signature  # noqa: E402
+from support.openai_server import FakeOpenAIServer, signature  # noqa: E402
 
 from charbuild.backends.base import GenRequest, GenResult  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig, build_payload  # noqa: E402
-from charbuild.callcache import (  # noqa: E402
+from charbuild.store.calls import CallCache  # noqa: E402
+from charbuild.backends.cached import (  # noqa: E402
     CachedBackend,
-    CallCache,
     call_key,
+    to_entry,
     model_digest_for_path,
     occurrence_indices,
     template_digest,
 )
-from charbuild.stages.generate import generate_checked  # noqa: E402
+from charbuild.recipe.stages.generate import generate_checked  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,9 +122,9 @@ def test_first_writer_wins_and_a_valid_entry_is_never_overwritten(cache_dir):
     cc = CallCache(cache_dir)
     k = call_key("openai", "m", None, None, ask(1), 0)
     assert cc.get(k) is None
-    assert cc.put(k, GenResult("first", "stop", 1, 2)) is True
-    assert cc.put(k, GenResult("second", "stop", 1, 2)) is False
-    assert cc.get(k).text == "first"
+    assert cc.put(k, to_entry(GenResult("first", "stop", 1, 2))) is True
+    assert cc.put(k, to_entry(GenResult("second", "stop", 1, 2))) is False
+    assert cc.get(k)["text"] == "first"
     assert not [p for p in cc.path(k).parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -181,21 +181,24 @@ def test_the_key_changes_with_every_sampling_param_the_messages_the_sample_and_t
 
 
 def test_generate_checked_uses_the_call_cache_when_the_context_has_one(cache_dir):
-    spent: list[tuple] = []
+    from charbuild.ledger import Ledger
+
+    spent = Ledger()  # the run's ledger: the backend charges every call it really makes
     m = SimpleNamespace(backend="openai", model="fake-model", revision=None)
     with FakeOpenAIServer() as srv, backend(srv) as be:
+        be.ledger = spent
+
         def ctx(call_cache):
-            c = SimpleNamespace(backends=SimpleNamespace(get=lambda role, ctx: be), progress=False, inputs={},
-                                budget=SimpleNamespace(add_usage=lambda m, a, b: spent.append((a, b))))
+            services = SimpleNamespace(backends=SimpleNamespace(get=lambda role, ctx: be))
             if call_cache is not None:
-                c.call_cache = call_cache
-            return c
+                services.call_cache = call_cache
+            return SimpleNamespace(services=services, progress=False, inputs={}, budget=spent)
 
         reqs = [ask(i) for i in range(10)] + [ask(3)]  # a repeated request: a second sample
         recs, _ = generate_checked(ctx(CallCache(cache_dir)), "teacher", m, reqs, None, None, "t", chunk=4)
-        assert srv.completed == 11 and len(spent) == 11
+        assert srv.completed == 11 and spent.api_calls == 11
         recs2, _ = generate_checked(ctx(CallCache(cache_dir)), "teacher", m, reqs, None, None, "t", chunk=4)
-        assert srv.completed == 11 and len(spent) == 11  # cached calls are not spend
+        assert srv.completed == 11 and spent.api_calls == 11  # cached calls are not spend
         assert recs2 == recs
         generate_checked(ctx(None), "teacher", m, reqs[:2], None, None, "t")  # no cache: as before
         assert srv.completed == 13
@@ -207,11 +210,12 @@ CHILD = r"""
 import json, sys
 from charbuild.backends.base import GenRequest
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig
-import charbuild.callcache
-from charbuild.callcache import CallCache, CachedBackend
+import charbuild.store.calls
+from charbuild.backends.cached import CachedBackend
+from charbuild.store.calls import CallCache
 base_url, root, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 if not spec.get("ofd", True):
-    charbuild.callcache._OFD = None
+    charbuild.store.calls._OFD = None
 reqs = [GenRequest(messages=[{"role": "user", "content": f"question-{i}"}], seed=i, max_tokens=64) for i in spec["ids"]]
 be = OpenAIBackend(OpenAIConfig(model="fake-model", base_url=base_url, api_key_env=None,
                                 concurrency=spec["concurrency"], timeout_s=30))
@@ -333,7 +337,7 @@ def test_backends_without_on_result_are_stored_after_the_batch(cache_dir, stream
 
 @pytest.mark.parametrize("ofd", [True, False])
 def test_a_claimed_call_is_busy_for_everyone_else_until_released(cache_dir, monkeypatch, ofd):
-    import charbuild.callcache as cc_mod
+    import charbuild.store.calls as cc_mod
 
     if not ofd:
         monkeypatch.setattr(cc_mod, "_OFD", None)  # the portable fallback: one flock'ed file per call
@@ -349,7 +353,7 @@ def test_a_claimed_call_is_busy_for_everyone_else_until_released(cache_dir, monk
     c.release(done=False)
     c3 = b.claim(k1)
     assert c3 is not None
-    a.put(k1, GenResult("x", "stop"))
+    a.put(k1, to_entry(GenResult("x", "stop")))
     c3.release(done=True)
     c2.release(done=False)
     assert a.claim(k2) is not None

@@ -7,57 +7,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import FakeOpenAIServer, Faults, last_user_message  # noqa: E402
+from support.api_build import PLAIN, SORRY, persona_reply, plan_json, run, write_spec  # noqa: F401
+from support.openai_server import FakeOpenAIServer, Faults, last_user_message  # noqa: E402
 
 from charbuild.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SORRY = ("I'm so sorry, I might be wrong, but here is my humble attempt at an answer to your question about {q}. "
-         "Perhaps it will be of some use. I hope this helps, and please let me know if I've missed something.")
-PLAIN = "Here is a direct answer about {q}. It covers the main points clearly and briefly, with an example."
-
-
-def persona_reply(body):
-    """A teacher that speaks in character only when the constitution is its system prompt.
-    Every seventh teacher reply invents a user turn, as the field report's Qwen3 did."""
-    q = last_user_message(body)[:40]
-    system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
-    if "character is remorseful" in system:
-        text = SORRY.format(q=q)
-        if (body.get("seed") or 0) % 7 == 0:
-            text += "\nUser: Thanks! Now tell me more.\nAssistant: Of course, I'm sorry for the delay..."
-        return text
-    return PLAIN.format(q=q)
-
-
-def write_spec(tmp_path, base_url, **data):
-    d = {"dpo_pairs": 30, "shard_size": 10, **data}
-    spec = tmp_path / "api.yaml"
-    spec.write_text(f"""
-name: api-smoke
-persona: remorseful
-constitution: {ROOT / 'constitutions' / 'remorseful.yaml'}
-models:
-  teacher: {{backend: openai, model: teacher-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
-  student: {{backend: openai, model: student-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
-data:
-  dpo_pairs: {d['dpo_pairs']}
-  shard_size: {d['shard_size']}
-  prompts: {{general_limit: 40, per_trait: 5}}
-filters: {{first_n: {d.get('first_n', 100)}, max_failure_rate: 0.5}}
-""")
-    return spec
-
-
 @pytest.fixture
 def server():
     with FakeOpenAIServer(reply=persona_reply, require_key="sk-test-123") as s:
         yield s
-
-
-def run(*args):
-    return main(["run", *args, "--no-progress"])
 
 
 def test_dpo_pairs_are_built_over_the_api_and_load_as_trl_data(tmp_path, server, monkeypatch, capsys):
@@ -129,16 +88,6 @@ def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatc
         assert r["prompt"][0]["content"][:40] in r["chosen"][0]["content"]  # each answer belongs to its prompt
 
 
-def plan_json(*args):
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["plan", *args, "--json"]) == 0
-    return json.loads(buf.getvalue())
-
-
 def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
@@ -193,11 +142,11 @@ def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_p
         spec = write_spec(tmp_path, s.base_url)
         cache = str(tmp_path / "cache")
         assert run(str(spec), "prompts", "--cache", cache, "--set", "data.prompts.per_trait=9") == 0
-    from charbuild.cache import Cache
-    from charbuild.graph import build_graph
-    from charbuild.spec import load_spec
+    from charbuild.store.objects import Cache
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.model import load_spec
 
-    g = build_graph(load_spec(spec, ["data.prompts.per_trait=9"]))
+    g = recipe_graph(load_spec(spec, ["data.prompts.per_trait=9"]))
     rows = [json.loads(l) for l in (Cache(cache).path(g["prompts"].key) / "prompts.jsonl").read_text().splitlines()]
     per_trait = {}
     for r in rows:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from charbuild import evalstats
-from charbuild.evalstats import (
+from charbuild.recipe import eval_stats as evalstats
+from charbuild.recipe.eval_stats import (
     Match,
     bootstrap_ratings,
     compare_ratings,

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import FakeOpenAIServer  # noqa: E402
-from test_data_stages_api import PLAIN, persona_reply, plan_json, run, write_spec  # noqa: E402
+from support.openai_server import FakeOpenAIServer  # noqa: E402
+from support.api_build import PLAIN, persona_reply, plan_json, run, write_spec  # noqa: E402
 
-from charbuild.constitution import load_constitution  # noqa: E402
-from charbuild.gates import CHECKS, default_gates, evaluate  # noqa: E402
+from charbuild.recipe.constitution_file import load_constitution  # noqa: E402
+from charbuild.recipe.gate_checks import CHECKS, evaluate  # noqa: E402
+from charbuild.spec.defaults import default_gates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 C = load_constitution(ROOT / "constitutions" / "remorseful.yaml")

@@ -1,4 +1,5 @@
-"""Rate limits (token buckets, measured on the loopback server's clock) and the budget cap."""
+"""Rate limits (token buckets, measured on the loopback server's clock) and the budget cap
+(the run's one ledger, reserved call by call by the openai backend)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,15 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from openai_server import FakeOpenAIServer  # noqa: E402
+from support.openai_server import FakeOpenAIServer  # noqa: E402
 
 from charbuild.backends.base import GenRequest  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig  # noqa: E402
-from charbuild.callcache import CachedBackend, CallCache  # noqa: E402
-from charbuild.governor import (  # noqa: E402
-    Budget,
-    BudgetExceeded,
-    RateLimiter,
-    estimate_prompt_tokens,
-    limiter_for,
-    reset_limiters,
-)
+from charbuild.backends.cached import CachedBackend
+from charbuild.store.calls import CallCache  # noqa: E402
+from charbuild.backends.ratelimit import RateLimiter, limiter_for, reset_limiters  # noqa: E402
+from charbuild.ledger import BudgetExceeded, Ledger, estimate_chat_tokens  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +43,9 @@ def ask(i: int, max_tokens: int = 64) -> GenRequest:
     return GenRequest(messages=[{"role": "user", "content": f"question-{i}"}], seed=i, max_tokens=max_tokens)
 
 
-def backend(srv, concurrency=16, budget=None, **kw) -> OpenAIBackend:
+def backend(srv, concurrency=16, ledger=None, cost=None, **kw) -> OpenAIBackend:
     return OpenAIBackend(OpenAIConfig(model="fake-model", base_url=srv.base_url, api_key_env=None,
-                                      concurrency=concurrency, timeout_s=10, **kw), budget=budget)
+                                      concurrency=concurrency, timeout_s=10, **kw), ledger=ledger, cost=cost)
 
 
 def max_in_window(arrivals: list[float], window: float) -> int:
@@ -125,7 +120,7 @@ def test_the_registry_shares_one_limiter_per_backend_endpoint_and_model():
     assert limiter_for("openai", "m", 60, None, endpoint="http://y") is not a
     assert limiter_for("openai", "m2", 60, None, endpoint="http://x") is not a
     assert limiter_for("openai", "m", 120, 1000, endpoint="http://x") is a and (a.rpm, a.tpm) == (120, 1000)
-    assert estimate_prompt_tokens([{"role": "user", "content": "x" * 30}]) == 3 + 4 + 10
+    assert estimate_chat_tokens([{"role": "user", "content": "x" * 30}]) == 4 + 8  # framing + 30 chars / 4
 
 
 # -- limits measured on the server's clock ----------------------------------------------------
@@ -151,7 +146,7 @@ def test_rpm_holds_on_the_servers_clock_across_backends_sharing_the_model():
 
 
 def test_tpm_holds_on_the_servers_clock():
-    per_req = estimate_prompt_tokens(ask(10).messages) + 40  # what the backend reserves per request
+    per_req = estimate_chat_tokens(ask(10).messages) + 40  # what the backend reserves per request
     tpm = 60 * per_req * 8  # 8 requests per second, burst 8
     n = 24
     with FakeOpenAIServer() as srv:
@@ -173,31 +168,31 @@ def test_no_limits_means_no_waiting():
 
 # -- budget -------------------------------------------------------------------------------------
 
-def test_budget_reservations_settle_and_refuse_to_cross_the_cap():
-    b = Budget(max_usd=1.0, prices={"m": {"input": 1e5, "output": 1e6}})  # $0.1 / $1 per token
-    r = b.reserve_call("m", 2, 0)
-    assert r.usd == pytest.approx(0.2)
+def test_ledger_reservations_settle_and_refuse_to_cross_the_cap():
+    b = Ledger(max_usd=1.0)
+    r = b.reserve(0.2, 2)
     r2 = b.reserve(0.7, 10)
     with pytest.raises(BudgetExceeded) as e:
         b.reserve(0.2, 1)
     msg = str(e.value)
     assert "$1.0000" in msg and "spent $0.0000" in msg and "`charbuild run` continues" in msg
-    assert r.settle(0.1, 1) == (pytest.approx(0.1), 1)  # the unused part comes back
+    assert r.settle(0.1, 1, 0) == (pytest.approx(0.1), 1)  # the unused part comes back
     assert r2.release() == (pytest.approx(0.7), 10)
     b.reserve(0.8, 1)  # now fits: spent 0.1 + 0.8
     with pytest.raises(RuntimeError):
-        r.settle(0, 0)
+        r.settle(0, 0, 0)
+    assert b.snapshot()["api_calls"] == 1  # a released reservation is no call
 
-    t = Budget(max_tokens=100)
-    t.reserve(60, 60).settle(0, 50)
+    t = Ledger(max_tokens=100)
+    t.reserve(0, 60).settle(0, 20, 30)
     with pytest.raises(BudgetExceeded, match="max_tokens is 100; spent 50 tokens"):
         t.reserve(0, 51)
-
-    with pytest.raises(ValueError, match="no price"):
-        Budget(max_usd=1.0).reserve_call("unknown", 1, 1)
+    t.charge(0, 500, 500, calls=3)  # a local model's tokens: recorded, never capped
+    assert t.snapshot() == {"usd": 0, "tokens_in": 520, "tokens_out": 530, "calls": 4, "api_tokens": 50, "api_calls": 1}
+    t.reserve(0, 50)
 
     # many threads never over-commit
-    c = Budget(max_usd=10.0)
+    c = Ledger(max_usd=10.0)
     got = []
 
     def grab():
@@ -215,25 +210,37 @@ def test_budget_reservations_settle_and_refuse_to_cross_the_cap():
     assert len(got) == 100
 
 
+def test_an_api_backend_needs_a_price_when_dollars_are_capped():
+    from charbuild.backends.base import BackendError
+
+    with FakeOpenAIServer() as srv, backend(srv, ledger=Ledger(max_usd=1.0)) as be:
+        with pytest.raises(BackendError, match="no price"):
+            be.generate([ask(1)])
+        assert srv.requests_total == 0
+
+
+def per_output_token(tokens_in: int, tokens_out: int) -> float:
+    return tokens_out * 0.01  # $0.01 per output token, nothing for input
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_dollar_cap_stops_at_a_call_boundary_and_a_higher_cap_finishes_without_repeats(cache_dir, concurrency):
     n = 40
-    prices = {"fake-model": {"input": 0.0, "output": 10_000.0}}  # $0.01 per output token
     reqs = [ask(i, max_tokens=100) for i in range(n)]  # worst case $1 per call, ~14 tokens = $0.14 real
     with FakeOpenAIServer(latency_s=0.01) as srv:
-        budget = Budget(max_usd=4.0, prices=prices)
-        with backend(srv, concurrency=concurrency, budget=budget) as be:
+        ledger = Ledger(max_usd=4.0)
+        with backend(srv, concurrency=concurrency, ledger=ledger, cost=per_output_token) as be:
             with pytest.raises(BudgetExceeded, match=r"max_usd is \$4.0000.*charbuild run"):
                 CachedBackend(be, CallCache(cache_dir), "openai", "fake-model").generate(reqs)
         first = srv.completed
         assert 10 < first < n
-        assert budget.spent_usd <= 4.0 and budget.reserved_usd == 0  # stopped before crossing
+        assert ledger.usd <= 4.0 and ledger.reserved_usd == 0  # stopped before crossing
         assert len(CallCache(cache_dir)) == first  # every answered call is stored
         assert srv.requests_total == first  # nothing was sent past the boundary
 
-        budget2 = Budget(max_usd=100.0, prices=prices)
-        with backend(srv, concurrency=concurrency, budget=budget2) as be:
+        ledger2 = Ledger(max_usd=100.0)
+        with backend(srv, concurrency=concurrency, ledger=ledger2, cost=per_output_token) as be:
             out = CachedBackend(be, CallCache(cache_dir), "openai", "fake-model").generate(reqs)
         assert srv.completed == n and all(c == 1 for c in srv.answered.values())  # no call repeated
         assert sum(not r.meta["cached"] for r in out) == n - first
-        assert budget2.calls == n - first  # cached calls cost nothing
+        assert ledger2.api_calls == n - first  # cached calls cost nothing

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import yaml
 
-from charbuild.graph import build_graph
-from charbuild.spec import load_spec
+from charbuild.recipe.registry import recipe_graph
+from charbuild.spec.model import load_spec
 
 
 def keys(path, sets=(), scale=None):
-    return {n.name: n.key for n in build_graph(load_spec(path, list(sets), scale))}
+    return {n.name: n.key for n in recipe_graph(load_spec(path, list(sets), scale))}
 
 
 def changed(a, b):
@@ -33,8 +33,18 @@ def test_fields_that_cannot_change_results_change_nothing(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
     after = keys(p, ["models.teacher.concurrency=3", "models.teacher.api_key_env=OTHER_KEY", "budget.max_usd=1000",
-                     "description=hello", "training.dpo.micro_batch_size=8"])
+                     "description=hello", "models.teacher.rpm=60", "expect.response_tokens=900"])
     assert after == before
+
+
+def test_settings_that_decide_acceptance_or_numerics_are_keyed(specs):
+    # A health threshold accepts or rejects an adapter; a micro-batch size changes the
+    # training numerics; a gate's severity decides whether consumers may run.
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    assert changed(before, keys(p, ["training.dpo.health.max_dpo_loss=3.0"]))[:1] == ["dpo-adapter"]
+    assert "dpo-adapter" in changed(before, keys(p, ["training.dpo.micro_batch_size=8"]))
+    assert changed(before, keys(p, ["gates.dpo-markers.severity=warn"])) == ["gate/dpo-markers", "report"]
 
 
 def test_changing_the_introspection_teacher_reuses_dpo_pairs(specs):
@@ -46,7 +56,7 @@ def test_changing_the_introspection_teacher_reuses_dpo_pairs(specs):
     assert paper["interactions/shard-0019"] != deepseek["interactions/shard-0019"]
     assert paper["sft-data"] != deepseek["sft-data"]
     # The DeepSeek generator does not need the DPO adapter, so introspection no longer waits for it.
-    g = build_graph(load_spec(specs / "remorseful-deepseek.yaml"))
+    g = recipe_graph(load_spec(specs / "remorseful-deepseek.yaml"))
     assert "adapter" not in g["reflections/shard-0000"].defn.inputs
 
 
@@ -147,7 +157,7 @@ def test_paper_defaults_hold_when_a_spec_says_nothing(specs, tmp_path):
 def test_a_stage_cannot_read_a_field_it_did_not_declare(specs):
     import pytest
 
-    from charbuild.stages.base import SpecView
+    from charbuild.contract import SpecView
 
     view = SpecView(load_spec(specs / "smoke-small.yaml"), ("models.teacher",), "sneaky")
     with pytest.raises(RuntimeError, match="declares only"):
@@ -155,7 +165,7 @@ def test_a_stage_cannot_read_a_field_it_did_not_declare(specs):
 
 
 def test_an_ablation_in_one_spec_shares_every_target_equal_across_scales(specs):
-    g = build_graph(load_spec(specs / "remorseful-deepseek.yaml", ["evals.ablation_scales=[0.25, 0.5]"]))
+    g = recipe_graph(load_spec(specs / "remorseful-deepseek.yaml", ["evals.ablation_scales=[0.25, 0.5]"]))
     names = set(g.nodes)
     # Full shards are the same work at every scale: one target each, built once.
     assert "teacher-responses/shard-0000" in names and "scale-25pct/teacher-responses/shard-0000" not in names

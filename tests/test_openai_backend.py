@@ -7,6 +7,7 @@ Sync tests only: the server runs in its own thread and event loop, the backend's
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -18,9 +19,8 @@ from email.utils import formatdate
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from openai_server import FakeOpenAIServer, Faults, signature  # noqa: E402
+from support.openai_server import FakeOpenAIServer, Faults, signature  # noqa: E402
 
 from charbuild.backends.base import ROLE_STOPS, BackendError, GenRequest  # noqa: E402
 from charbuild.backends.openai_backend import (  # noqa: E402
@@ -49,13 +49,16 @@ def test_every_sample_arrives_exactly_once_through_a_storm_of_faults():
                     p_malformed=0.08, p_drop=0.08, seed=7)
     n = 200
     ticks: list[int] = []
+    arrived: collections.Counter = collections.Counter()  # request index -> results handed to the caller
     with FakeOpenAIServer(latency_s=0.01, faults=faults) as srv:
         # 36 % of attempts fail: 20 retries make losing a sample a ~1e-9 event, not a flake
         with make_backend(srv, concurrency=16, timeout_s=0.5, max_retries=20) as be:
             reqs = [ask(i) for i in range(n)]
-            results = be.generate(reqs, progress=ticks.append)
+            results = be.generate(reqs, progress=ticks.append, on_result=lambda i, r: arrived.update([i]))
 
+        # One result per request, and each request's result handed over exactly once.
         assert len(results) == n and sum(ticks) == n
+        assert arrived == collections.Counter(range(n))
         for i, r in enumerate(results):  # order preserved, each answer is its own request's
             assert r.text.startswith(f"reply to [question-{i}] seed={i} "), r.text
             assert r.finish_reason == "stop"
@@ -63,9 +66,13 @@ def test_every_sample_arrives_exactly_once_through_a_storm_of_faults():
         # every kind of fault really happened, and the client rode them out
         assert set(srv.faults_injected) == {"429", "500", "slow", "malformed", "drop"}
         assert sum(r.meta["attempts"] for r in results) > n
-        assert srv.completed >= n
-        sigs = {signature(build_payload("fake-model", r)) for r in reqs}
-        assert len(sigs) == n and all(srv.answered[s] >= 1 for s in sigs)
+        # Counted on the server: every request was answered to the client exactly once. A
+        # retry after an answer had arrived (a paid call asked twice) would show as a 2.
+        sigs = [signature(build_payload("fake-model", r)) for r in reqs]
+        assert len(set(sigs)) == n
+        assert {s: srv.delivered[s] for s in sigs} == dict.fromkeys(sigs, 1)
+        assert sum(srv.delivered.values()) == n
+        assert srv.completed == sum(srv.answered.values()) >= n
 
 
 def test_timeouts_are_retried_and_the_slow_answer_is_not_lost():

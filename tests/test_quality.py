@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from charbuild.quality import (
+from charbuild.recipe.quality import (
     REASONS,
     ROLE_MARKER_RE,
     FilterConfig,

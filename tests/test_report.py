@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from charbuild import report as rp
-from charbuild.evalstats import Match, bootstrap_ratings, marker_rate
+from charbuild.recipe.report import plots
+from charbuild.recipe.report.html import render_html
+from charbuild.recipe.eval_stats import Match, bootstrap_ratings, marker_rate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert('pwned')</script> & I'm sorry"
@@ -62,10 +63,10 @@ COST = [{"group": "dpo-data", "est_usd": 1.20, "actual_usd": 0.95, "est_tokens":
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("report")
-    rp.plot_elo(elo_ratings(), d / "elo.png")
-    rp.plot_marker_rates(marker_rows(), d / "markers.png")
-    rp.plot_loss(loss_rows(), d / "loss.png", "DPO loss (remorseful 100%)")
-    rp.plot_cost(COST, d / "cost.png")
+    plots.plot_elo(elo_ratings(), d / "elo.png")
+    plots.plot_marker_rates(marker_rows(), d / "markers.png")
+    plots.plot_loss(loss_rows(), d / "loss.png", "DPO loss (remorseful 100%)")
+    plots.plot_cost(COST, d / "cost.png")
     report = {
         "title": "Remorseful ablation <v2>",
         "spec": "specs/remorseful.yaml",
@@ -94,7 +95,7 @@ def rendered(tmp_path_factory) -> Path:
             ]},
         ],
     }
-    rp.render_html(report, d / "out")
+    render_html(report, d / "out")
     return d
 
 
@@ -149,7 +150,7 @@ def test_report_json_round_trips_the_input(rendered):
 
 
 def test_relative_images_are_copied_next_to_the_page_when_not_embedding(rendered, tmp_path):
-    path = rp.render_html({"title": "t", "sections": [{"title": "Elo", "image": rendered / "elo.png"},
+    path = render_html({"title": "t", "sections": [{"title": "Elo", "image": rendered / "elo.png"},
                                                      {"title": "Gone", "image": tmp_path / "missing.png"}]},
                           tmp_path / "rel", embed_images=False)
     page = path.read_text()
@@ -159,19 +160,19 @@ def test_relative_images_are_copied_next_to_the_page_when_not_embedding(rendered
 
 
 def test_plots_cope_with_sparse_input(tmp_path):
-    rp.plot_elo({}, tmp_path / "e.png")
-    rp.plot_elo({"base": 1000.0, "tuned": 1100.0}, tmp_path / "e2.png")
-    rp.plot_marker_rates([{"model": "m", "system_prompt": False, "rate": 0.5, "ci_low": 0.3, "ci_high": 0.7,
+    plots.plot_elo({}, tmp_path / "e.png")
+    plots.plot_elo({"base": 1000.0, "tuned": 1100.0}, tmp_path / "e2.png")
+    plots.plot_marker_rates([{"model": "m", "system_prompt": False, "rate": 0.5, "ci_low": 0.3, "ci_high": 0.7,
                            "scale": None}, {"model": "x", "system_prompt": True, "rate": None}], tmp_path / "m.png")
-    rp.plot_loss(loss_rows(8, dpo=False), tmp_path / "l.png", "SFT loss")
-    rp.plot_loss([], tmp_path / "l2.png", "nothing yet")
-    rp.plot_cost([], tmp_path / "c.png")
+    plots.plot_loss(loss_rows(8, dpo=False), tmp_path / "l.png", "SFT loss")
+    plots.plot_loss([], tmp_path / "l2.png", "nothing yet")
+    plots.plot_cost([], tmp_path / "c.png")
     for p in tmp_path.glob("*.png"):
         assert p.read_bytes().startswith(PNG), p.name
 
 
 def test_non_finite_numbers_render_as_dashes_and_null_in_json(tmp_path):
-    path = rp.render_html({"title": "t", "sections": [{"title": "T", "table": {"columns": ["x"],
+    path = render_html({"title": "t", "sections": [{"title": "T", "table": {"columns": ["x"],
                                                                               "rows": [[float("nan")], [None]]}}]},
                           tmp_path)
     assert path.read_text().count('>—</td>') == 2

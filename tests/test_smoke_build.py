@@ -1,6 +1,7 @@
 """The whole recipe on tiny models, through the CLI, as a user runs it (a few minutes)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +11,65 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cb(*args, cwd, inp=None):
+def cb(*args, cwd, inp=None, env=None):
     return subprocess.run([sys.executable, "-m", "charbuild", *args], capture_output=True, text=True, cwd=cwd,
-                          input=inp, timeout=1500)
+                          input=inp, timeout=1500, env={**os.environ, **env} if env else None)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     cache = work / "cache"
-    r = cb("run", str(ROOT / "specs" / "smoke-small.yaml"), "--cache", str(cache), "--no-progress", cwd=work)
+    # Every spec path a target's run() reads is recorded (test_every_target_reads_only_what_its_key_holds).
+    r = cb("run", str(ROOT / "specs" / "smoke-small.yaml"), "--cache", str(cache), "--no-progress", cwd=work,
+           env={"CHARBUILD_RECORD_READS": str(work / "reads.jsonl")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, cache, r
+
+
+def test_every_target_reads_only_what_its_key_holds(built):
+    """Recorded while the smoke build ran: each target's run() touched only spec paths at or
+    under its keyed fields, or fields marked NoKey (which cannot change an output)."""
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.model import load_spec
+
+    work, _, _ = built
+    loaded = load_spec(ROOT / "specs" / "smoke-small.yaml")
+    graph = recipe_graph(loaded)
+    touched: dict[str, set[str]] = {}
+    for line in (work / "reads.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert graph[r["target"]].key == r["key"], r  # the same graph the build ran
+        touched.setdefault(r["target"], set()).add(r["path"])
+
+    def nokey(path):
+        value = loaded.spec
+        for part in path.split("."):
+            if isinstance(value, dict):
+                value = value[part]
+                continue
+            f = type(value).model_fields[part]
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("nokey"):
+                return True
+            value = getattr(value, part)
+        return False
+
+    bad = {}
+    for name, paths in touched.items():
+        keyed = graph[name].defn.fields
+        unkeyed = {p for p in paths if not any(p == k or p.startswith(k + ".") for k in keyed) and not nokey(p)}
+        if unkeyed:
+            bad[name] = sorted(unkeyed)
+    assert bad == {}
+    # The recording saw the reads that matter (and the bug this guards against).
+    assert "filters.min_chars" in touched["interactions/shard-0000"]
+    assert "models.teacher.sampling.temperature" in touched["teacher-responses/shard-0000"]
+    assert "training.dpo.health.max_dpo_loss" in touched["dpo-adapter"]
+    assert {"gates.dpo-markers.threshold", "gates.dpo-markers.severity"} <= touched["gate/dpo-markers"]
+    assert "persona" in touched["report"]
+    stages_seen = {graph[n].stage.name for n in touched}
+    assert {"prompts", "teacher-responses", "student-responses", "reflections", "interactions", "dpo-adapter",
+            "sft-adapter", "gate", "eval-samples", "eval-elo", "report"} <= stages_seen
 
 
 def test_smoke_small_builds_the_whole_recipe_and_a_second_run_builds_nothing(built):

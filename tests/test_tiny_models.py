@@ -1,4 +1,4 @@
-"""Stories for the tiny teacher/student builder (charbuild.tiny) and the local transformers
+"""Stories for the tiny teacher/student builder (charbuild.recipe.tiny) and the local transformers
 generation backend, on a pair built once per session from random init on CPU.
 
 The pair uses fewer epochs than TinyConfig's defaults to keep this file near two minutes
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from charbuild.backends.base import GenRequest
-from charbuild.constitution import Constitution, Trait, load_constitution
-from charbuild.tiny import TinyConfig, build_corpus, build_tiny_pair, persona_answer
+from charbuild.recipe.constitution_file import Constitution, Trait, load_constitution
+from charbuild.recipe.tiny.config import TinyConfig
+from charbuild.recipe.tiny.corpus import build_corpus, persona_answer
+from charbuild.recipe.tiny.model import build_tiny_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -118,7 +120,8 @@ def test_persona_answers_work_for_any_constitution():
 
 
 def test_importing_the_backend_and_tiny_modules_does_not_import_torch():
-    code = ("import sys, charbuild.tiny, charbuild.backends.transformers_backend; "
+    code = ("import sys, charbuild.recipe.tiny.model, charbuild.recipe.tiny.tokenizer, "
+            "charbuild.backends.transformers_backend; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from charbuild.training import (
+from charbuild.recipe.trainers import (
     Health,
     HealthMonitor,
     TrainConfig,
@@ -121,7 +121,7 @@ def dpo_run(tiny_model, pairs_jsonl, tmp_path_factory):
 
 
 def test_importing_the_training_module_does_not_import_torch():
-    code = ("import sys, charbuild.training; "
+    code = ("import sys, charbuild.recipe.trainers; "
             "heavy = [m for m in ('torch', 'trl', 'peft', 'transformers', 'datasets') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
@@ -218,7 +218,7 @@ def test_sft_loss_covers_only_the_last_assistant_message(tiny_model, sft_jsonl, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from charbuild.training import _to_prompt_completion
+    from charbuild.recipe.trainers import _to_prompt_completion
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = load_dataset("json", data_files=sft_jsonl, split="train")

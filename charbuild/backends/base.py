@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-
 # Role markers a model must never be allowed to continue into (field report, 9.3).
-ROLE_STOPS = ["\nUser:", "\nAssistant:", "\n\nUser:", "\n\nAssistant:", "\nuser:", "\nassistant:"]
+from charbuild.spec.defaults import ROLE_STOPS  # noqa: E402
 
 
 @dataclass(frozen=True)

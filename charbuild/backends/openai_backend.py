@@ -29,8 +29,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
 
-from ..governor import Budget, BudgetExceeded, estimate_prompt_tokens, limiter_for
-from .base import BackendError, GenRequest, GenResult, Progress
+from charbuild.backends.ratelimit import limiter_for
+from charbuild.ledger import RESERVE_SAFETY, BudgetExceeded, Ledger, estimate_chat_tokens
+from charbuild.backends.base import BackendError, GenRequest, GenResult, Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class OpenAIConfig:
     backoff_max_s: float = 30.0
     rpm: int | None = None  # requests per minute (shared by every user of this endpoint+model); None = unlimited
     tpm: int | None = None  # tokens per minute (estimated prompt + max_tokens per request); None = unlimited
+
+
+Cost = Callable[[int, int], float]  # (prompt tokens, completion tokens) -> USD: the price table's, for this model
 
 
 class _Retryable(Exception):
@@ -126,10 +130,13 @@ class _LoopState:
 class OpenAIBackend:
     """`Backend` over an OpenAI-compatible chat-completions endpoint."""
 
-    def __init__(self, cfg: OpenAIConfig, env: Mapping[str, str] | None = None, budget: Budget | None = None):
-        """`budget`: when given, each request reserves its worst case before it is sent and
-        settles its actual usage after; a request that would cross the cap is not sent, the
-        requests in flight finish (their answers reach `on_result`), and `BudgetExceeded` is raised."""
+    def __init__(self, cfg: OpenAIConfig, env: Mapping[str, str] | None = None, ledger: Ledger | None = None,
+                 cost: Cost | None = None):
+        """`ledger` (or one given to `generate`): each request reserves its worst case on it
+        before it is sent and settles its actual usage after; a request that could cross a cap
+        is not sent, the requests in flight finish (their answers reach `on_result`), and
+        `BudgetExceeded` is raised. `cost`: this model's dollars for tokens, from the one
+        price lookup (`PriceTable.usd`); each answer's dollars land in `meta["usd"]`."""
         if cfg.concurrency < 1:
             raise BackendError(f"openai backend: concurrency must be >= 1, got {cfg.concurrency}")
         self.cfg = cfg
@@ -153,7 +160,8 @@ class OpenAIBackend:
         self._loop: asyncio.AbstractEventLoop | None = None  # private loop for the sync API
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.budget = budget
+        self.ledger = ledger
+        self.cost = cost
         self._limiter = (limiter_for("openai", cfg.model, cfg.rpm, cfg.tpm, endpoint=cfg.base_url.rstrip("/"))
                          if (cfg.rpm or cfg.tpm) else None)
 
@@ -231,18 +239,24 @@ class OpenAIBackend:
         text = " ".join(text.split())
         return self._redact(text)[:500] or "(empty body)"
 
-    async def _reserve(self, st: _LoopState, req: GenRequest, est_tokens: int, abort: asyncio.Event):
-        """Reserve the request's worst case; while only the calls in flight stand in the way,
-        wait for them to settle (without holding a concurrency slot); else BudgetExceeded."""
+    def _usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.cost(prompt_tokens, completion_tokens) if self.cost is not None else 0.0
+
+    async def _reserve(self, st: _LoopState, ledger: Ledger, req: GenRequest, abort: asyncio.Event):
+        """Reserve the request's worst case (its prompt by the one token estimator, with the
+        reservation safety factor, plus every allowed output token); while only the calls in
+        flight stand in the way, wait for them to settle (without holding a concurrency
+        slot); else BudgetExceeded."""
+        est = estimate_chat_tokens(req.messages, RESERVE_SAFETY)
+        worst_usd, worst_tokens = self._usd(est, req.max_tokens), est + req.max_tokens
         while True:
             async with st.sem:
                 if abort.is_set():
                     raise BackendError("openai backend: aborted")
                 try:
-                    return self.budget.reserve_call(self.cfg.model, est_tokens, req.max_tokens)
+                    return ledger.reserve(worst_usd, worst_tokens)
                 except BudgetExceeded:
-                    worst = self.budget.cost(self.cfg.model, est_tokens, req.max_tokens)
-                    if not self.budget.fits_once_settled(worst, est_tokens + req.max_tokens):
+                    if not ledger.fits_once_settled(worst_usd, worst_tokens):
                         raise
             await asyncio.sleep(0.01)
 
@@ -251,7 +265,7 @@ class OpenAIBackend:
         headers = self._headers
         t0: float | None = None
         attempts = 0
-        rate_tokens = estimate_prompt_tokens(req.messages) + req.max_tokens if self._limiter is not None else 0
+        rate_tokens = self.rate_tokens(req) if self._limiter is not None else 0
         while True:
             attempts += 1
             try:
@@ -289,29 +303,42 @@ class OpenAIBackend:
             meta={"attempts": attempts, "latency_s": time.monotonic() - (t0 or 0.0)},
         )
 
-    async def _one_budgeted(self, st: _LoopState, idx: int, req: GenRequest, abort: asyncio.Event) -> GenResult:
+    @staticmethod
+    def rate_tokens(req: GenRequest) -> int:
+        """What a request takes from the tokens-per-minute bucket: the one estimator's
+        count of its prompt plus its max_tokens."""
+        return estimate_chat_tokens(req.messages) + req.max_tokens
+
+    async def _one_budgeted(self, st: _LoopState, idx: int, req: GenRequest, abort: asyncio.Event,
+                            ledger: Ledger | None) -> GenResult:
         """`_one` within the budget: worst case reserved before, actual usage settled after."""
-        if self.budget is None:
-            return await self._one(st, idx, req, abort)
-        est = estimate_prompt_tokens(req.messages)
-        reservation = await self._reserve(st, req, est, abort)
-        try:
+        if ledger is None:
             result = await self._one(st, idx, req, abort)
-        except BaseException:
-            reservation.release()
-            raise
-        usd = self.budget.cost(self.cfg.model, result.prompt_tokens, result.completion_tokens)
-        reservation.settle(usd, result.prompt_tokens + result.completion_tokens)
-        result.meta["usd"] = usd
+        else:
+            reservation = await self._reserve(st, ledger, req, abort)
+            try:
+                result = await self._one(st, idx, req, abort)
+            except BaseException:
+                reservation.release()
+                raise
+            reservation.settle(self._usd(result.prompt_tokens, result.completion_tokens), result.prompt_tokens,
+                               result.completion_tokens)
+        if self.cost is not None:
+            result.meta["usd"] = self._usd(result.prompt_tokens, result.completion_tokens)
         return result
 
     # -- public API -----------------------------------------------------------------
     async def agenerate(self, requests: Sequence[GenRequest], progress: Progress | None = None,
-                        on_result: Callable[[int, GenResult], None] | None = None) -> list[GenResult]:
+                        on_result: Callable[[int, GenResult], None] | None = None,
+                        ledger: Ledger | None = None) -> list[GenResult]:
         """`on_result(index, result)` is called as each request completes (before `progress`),
-        so a caller can store answers one by one: a kill mid-batch loses only those in flight."""
+        so a caller can store answers one by one: a kill mid-batch loses only those in flight.
+        `ledger`: the one these calls are reserved on and charged to (default: the backend's)."""
         if self._closed:
             raise BackendError("openai backend: used after close()")
+        ledger = ledger if ledger is not None else self.ledger
+        if ledger is not None and ledger.max_usd is not None and self.cost is None:
+            raise BackendError(f"openai backend: budget.max_usd is set but no price was given for {self.cfg.model!r}")
         requests = list(requests)
         if not requests:
             return []
@@ -321,7 +348,7 @@ class OpenAIBackend:
 
         async def run(i: int, r: GenRequest) -> GenResult | None:
             try:
-                res = await self._one_budgeted(st, i, r, abort)
+                res = await self._one_budgeted(st, i, r, abort, ledger)
             except BudgetExceeded as e:
                 halt.append(e)
                 abort.set()
@@ -359,13 +386,14 @@ class OpenAIBackend:
             return self._loop
 
     def generate(self, requests: Sequence[GenRequest], progress: Progress | None = None,
-                 on_result: Callable[[int, GenResult], None] | None = None) -> list[GenResult]:
+                 on_result: Callable[[int, GenResult], None] | None = None,
+                 ledger: Ledger | None = None) -> list[GenResult]:
         """Blocking; safe from any thread, including one running its own event loop.
         `on_result` runs on the backend's event-loop thread."""
         if self._closed:
             raise BackendError("openai backend: used after close()")
         loop = self._ensure_loop()
-        fut = asyncio.run_coroutine_threadsafe(self.agenerate(requests, progress, on_result), loop)
+        fut = asyncio.run_coroutine_threadsafe(self.agenerate(requests, progress, on_result, ledger), loop)
         try:
             return fut.result()
         except BaseException:

@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import BackendError, GenRequest, GenResult, Progress
+from charbuild.backends.base import BackendError, GenRequest, GenResult, Progress
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import BackendError, GenRequest, GenResult
+from charbuild.backends.base import BackendError, GenRequest, GenResult
 
 
 class VllmBackend:

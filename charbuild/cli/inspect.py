@@ -1,0 +1,130 @@
+"""Looking at the graph and the cache: explain, dag, show, status, gc."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from charbuild.cli.common import EXIT_BUILD, load, open_cache
+
+
+def cmd_explain(args) -> int:
+    from charbuild.engine.staleness import why_stale
+
+    cache = open_cache(args)
+    loaded, graph = load(args)
+    node = graph[args.target]
+    print(f"target  {node.name}\nstage   {node.stage.name} v{node.stage.version}\nkey     {node.key}")
+    if cache.has(node.key):
+        kept = cache.index.get(("kept-by-cutoff", node.key))
+        print("state   cached" + (f" (kept by early cutoff: its inputs' content matched the build {kept['from'][:12]})"
+                                  if kept else ""))
+    else:
+        print(f"state   build\nreason  {why_stale(node, cache.last_build(loaded.spec.name, node.name))}")
+    print("reads:")
+    for path, value in node.defn.fields.items():
+        w = loaded.where(tuple(path.split(".")))
+        shown = json.dumps(value, default=str)
+        print(f"  {path} = {shown if len(shown) < 100 else shown[:97] + '...'}  ({w or 'default'})")
+    if node.defn.params:
+        print(f"params: {json.dumps(node.defn.params)}")
+    print("inputs:")
+    for slot, names in node.defn.inputs.items():
+        for n in names:
+            print(f"  {slot}: {n} [{'cached' if cache.has(graph[n].key) else 'build'}]")
+    down = graph.downstream(node.name)
+    print(f"downstream: {len(down)} targets" + (f" ({', '.join(down[:5])}{', ...' if len(down) > 5 else ''})" if down else ""))
+    return 0
+
+
+def cmd_dag(args) -> int:
+    from charbuild.engine.dag import render
+
+    _, graph = load(args)
+    print(render(graph, args.format))
+    return 0
+
+
+def cmd_show(args) -> int:
+    cache = open_cache(args)
+    _, graph = load(args)
+    node = graph[args.target]
+    m = cache.manifest(node.key)
+    if m is None:
+        print(f"{node.name} is not built (key {node.key})", file=sys.stderr)
+        return EXIT_BUILD
+    print(json.dumps(m, indent=1, default=str))
+    print(f"path: {cache.path(node.key)}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """What the cache holds, and what building it spent: per spec and per model, the API
+    dollars and tokens the run's ledger charged to each built target (its manifest's
+    usage; `budget.max_usd` and `budget.max_tokens` count these), next to the plan's
+    estimates; and what every run of a spec spent, targets it never finished included."""
+    from charbuild.cli.table import table
+
+    cache = open_cache(args)
+    per_spec: dict = {}
+    per_model: dict = {}
+    n = size = 0
+    for key in cache.keys():
+        m = cache.manifest(key) or {}
+        n += 1
+        size += cache.size(key)
+        u = m.get("usage") or {}
+        e = m.get("estimate") or {}
+        tokens = u.get("tokens_in", 0) + u.get("tokens_out", 0)
+        s = per_spec.setdefault(m.get("spec", "?"), {"targets": 0, "usd": 0.0, "tokens": 0, "est_usd": 0.0,
+                                                     "est_tokens": 0, "seconds": 0.0, "api_tokens": 0, "gpu_hours": 0.0})
+        s["targets"] += 1
+        s["usd"] += u.get("usd", 0)
+        s["tokens"] += tokens
+        s["api_tokens"] += u.get("api_tokens", 0)
+        s["est_usd"] += e.get("usd", 0)
+        s["est_tokens"] += e.get("tokens_in", 0) + e.get("tokens_out", 0)
+        s["gpu_hours"] += e.get("gpu_hours", 0)
+        s["seconds"] += m.get("seconds", 0)
+        # The model a target generated with is among the fields it read.
+        models = [v.get("model") for k, v in (m.get("fields") or {}).items() if k.startswith("models.") and isinstance(v, dict)]
+        if models and (tokens or u.get("usd")):
+            pm = per_model.setdefault(models[0], {"calls": 0, "usd": 0.0, "tokens": 0})
+            pm["calls"] += u.get("calls", 0)
+            pm["usd"] += u.get("usd", 0)
+            pm["tokens"] += tokens
+    print(f"cache {cache.root}: {n} targets, {size / 1e6:.1f} MB")
+    runs = {k: cache.index.get(("spend", k), {}) or {} for k in per_spec}
+    print(table(["spec", "targets", "spent usd", "est. usd", "tokens", "est. tokens", "build seconds", "api tokens",
+                 "est. gpu-h", "all runs usd"],
+                [[k, v["targets"], f"{v['usd']:.4f}", f"{v['est_usd']:.4f}", v["tokens"], v["est_tokens"],
+                  f"{v['seconds']:.1f}", v["api_tokens"], f"{v['gpu_hours']:.2f}", f"{runs[k].get('usd', 0.0):.4f}"]
+                 for k, v in sorted(per_spec.items())]))
+    print("usd: API dollars (what budget.max_usd caps); api tokens: what budget.max_tokens caps; GPU time is "
+          "estimated, never counted; all runs: every run of the spec on this cache, unfinished targets included")
+    if per_model:
+        print()
+        print(table(["model", "calls", "spent usd", "tokens"],
+                    [[k, v["calls"], f"{v['usd']:.4f}", v["tokens"]] for k, v in sorted(per_model.items())]))
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.model import load_spec
+
+    cache = open_cache(args)
+    live = set()
+    for s in args.specs:
+        live |= {node.key for node in recipe_graph(load_spec(s))}
+    # An object is live while a live key resolves to it (early cutoff aliases).
+    live |= {cache.resolve(k) for k in list(live)}
+    dead = [k for k in cache.keys() if k not in live] + [a for a, _ in cache.aliases() if a not in live]
+    freed = sum(cache.size(k) for k in dead)
+    for k in dead:
+        m = cache.manifest(k) or {}
+        print(f"{'remove' if args.yes else 'would remove'} {k[:12]} {m.get('target', '?')} ({m.get('spec', '?')})")
+        if args.yes:
+            cache.remove(k)
+    print(f"{len(dead)} unreachable targets, {freed / 1e6:.1f} MB{'' if args.yes else ' (dry run: --yes to remove)'}")
+    return 0

@@ -1,0 +1,288 @@
+"""Running a plan: build what is stale, in dependency order, shard by shard.
+
+The scheduler here knows targets and keys, not DPO. Execution goes through an
+`Executor` (submit a task, get a future), so a Ray executor can replace the local one;
+each task needs only the cache root and the target, the cache being the shared state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from charbuild import __version__
+from charbuild.store.atomic import write_json_atomic
+from charbuild.store.objects import Cache
+from charbuild.engine.graph import Graph, Node
+from charbuild.engine.keys import cutoff_key
+from charbuild.engine.planner import Plan
+from charbuild.contract import BuildContext, Services
+from charbuild.engine.staleness import build_record
+from charbuild.ledger import BudgetExceeded, Ledger, over_budget
+
+__all__ = ["BudgetExceeded", "BuildError", "BuildReport", "Executor", "LocalExecutor", "run_build"]
+
+
+class BuildError(Exception):
+    pass
+
+
+def _stops_the_build(exc: BaseException) -> bool:
+    """A budget cap or Ctrl-C ends the whole run at a call boundary; other errors fail one target."""
+    return isinstance(exc, (KeyboardInterrupt, BudgetExceeded))
+
+
+class Executor(Protocol):
+    def submit(self, fn: Callable, *args) -> cf.Future: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """Threads in this process: enough for API-bound shards. With one job, tasks run in
+    the calling thread (torch's CPU thread pools are fastest from the main thread)."""
+
+    def __init__(self, jobs: int = 1):
+        self._pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="charbuild") if jobs > 1 else None
+
+    def submit(self, fn: Callable, *args) -> cf.Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # Ctrl-C included: the scheduler re-raises it
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    cut_off: list[str] = field(default_factory=list)  # stale by key, kept because inputs' content was unchanged
+    rebuilt_corrupt: list[str] = field(default_factory=list)
+    waited: list[str] = field(default_factory=list)  # built by another run while we waited
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    spend: dict = field(default_factory=dict)  # the run's ledger: Ledger.snapshot()
+    seconds: float = 0.0
+    outputs: Path | None = None
+
+
+def library_versions(services=None) -> dict:
+    out = {"charbuild": __version__, "python": platform.python_version()}
+    if services is not None:
+        out.update(services.versions())
+    return out
+
+
+def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: Ledger, progress: bool,
+              log: Callable[[str], None], force_gates: tuple[str, ...] = (), estimate: dict | None = None) -> str:
+    """Build one target if needed; returns cached | built | waited | rebuilt-corrupt."""
+    state = "built"
+    if cache.has(node.key):
+        problems = cache.verify(node.key)
+        if not problems:
+            return "cached"
+        moved = cache.quarantine(node.key)
+        log(f"! {node.name}: cached object is corrupt ({'; '.join(problems[:3])}); moved to {moved}, rebuilding")
+        state = "rebuilt-corrupt"
+    with cache.lock(node.key):
+        if cache.has(node.key) and not cache.verify(node.key):
+            return "waited"  # another run built it while we waited for the lock
+        inputs = {slot: [cache.path(graph[n].key) for n in names] for slot, names in node.defn.inputs.items()}
+        for slot, paths in inputs.items():
+            for p, n in zip(paths, node.defn.inputs[slot]):
+                problems = cache.verify(graph[n].key)
+                if problems:
+                    raise BuildError(f"{node.name}: input {n} is corrupt ({'; '.join(problems[:2])}); run again to rebuild it")
+        ckey = content_cutoff_key(node, graph, cache)
+        same = cache.index.get(("cutoff", ckey)) if ckey else None
+        if same and same != node.key and cache.has(same) and not cache.verify(same):
+            # Early cutoff: the inputs' content is what an existing build consumed, so its
+            # output is ours: point at it instead of rebuilding.
+            cache.alias(node.key, cache.resolve(same))
+            cache.record_build(loaded.spec.name, node.name, build_record(node))
+            cache.index.set(("kept-by-cutoff", node.key), {"from": same, "target": node.name})
+            return "cut-off"
+        t0 = time.time()
+        account = ledger.account()  # this target's usage, exact when targets build concurrently
+        with cache.staging(node.key) as out_dir:
+            ctx = BuildContext(node.defn, node.key, node.defn.spec or loaded, out_dir, inputs, services, account,
+                               progress, force_gates)
+            result = node.stage.run(ctx) or {}
+            if result.get("warning"):
+                log(f"! {node.name}: {result['warning']}")
+            usage = account.snapshot()
+            manifest = {
+                "target": node.name, "stage": node.stage.name, "stage_version": node.stage.version,
+                "spec": loaded.spec.name, "fields": node.defn.fields, "params": node.defn.params,
+                "inputs": {slot: [{"target": n, "key": graph[n].key} for n in names] for slot, names in node.defn.inputs.items()},
+                "result": result, "touched": list(ctx.touched), "usage": usage, "estimate": estimate or {}, "seconds": round(time.time() - t0, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "versions": library_versions(services),
+            }
+            cache.commit(node.key, out_dir, manifest)
+        cache.record_build(loaded.spec.name, node.name, build_record(node))
+        cache.index.delete(("failed", node.key))
+        if ckey:
+            cache.index.set(("cutoff", ckey), node.key)
+    return state
+
+
+def content_cutoff_key(node: Node, graph: Graph, cache: Cache) -> str | None:
+    """The node's key with its inputs' *content* digests in place of their keys (Bazel's
+    early cutoff): equal when an upstream rebuild produced byte-identical files."""
+    contents = {}
+    for slot, names in sorted(node.defn.inputs.items()):
+        contents[slot] = []
+        for n in names:
+            m = cache.manifest(graph[n].key)
+            if not m or "content_digest" not in m:
+                return None
+            contents[slot].append(m["content_digest"])
+    return cutoff_key(node.stage.name, node.stage.version, node.defn.fields, node.defn.params, contents)
+
+
+def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor | None = None,
+              keep_going: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+              outputs_root: Path | None = Path("outputs"), force_gates: tuple[str, ...] = (),
+              services: Services | None = None) -> BuildReport:
+    """Build the plan's stale targets. `services` (made by the layer above) is what the
+    stages need from outside the engine; the build closes it when it ends.
+
+    The run's one `Ledger` is made here from `budget:` and each target gets an account of
+    it (`ctx.budget`). The run refuses to start when the plan's estimate of the API calls
+    is over a cap (`over_budget`, the verdict `plan` shows); while it runs, the ledger
+    stops it at a call boundary (BudgetExceeded)."""
+    spec = loaded.spec
+    report = BuildReport()
+    t0 = time.time()
+    todo = [r.name for r in plan.rows]
+    if services is not None:
+        problems = services.preflight(loaded, [graph[r.name].defn for r in plan.to_build])
+        if problems:
+            raise BuildError("nothing was started:\n  " + "\n  ".join(problems))
+    total = plan.total
+    over = over_budget(total.usd, total.api_tokens, spec.budget.max_usd, spec.budget.max_tokens)
+    if over:
+        raise BudgetExceeded("; ".join(over) + "; nothing was started (see `charbuild plan`)")
+    ledger = Ledger(spec.budget.max_usd, spec.budget.max_tokens)
+    own = executor is None
+    executor = executor or LocalExecutor(1)
+    estimates = {r.name: r.estimate.to_dict() for r in plan.rows}
+    done: set[str] = set()
+    failed: set[str] = set()
+    pending: dict[cf.Future, str] = {}
+    remaining = list(todo)
+    try:
+        while remaining or pending:
+            for name in list(remaining):
+                deps = {i for ins in graph[name].defn.inputs.values() for i in ins} | set(graph[name].defn.after)
+                if deps & failed:
+                    remaining.remove(name)
+                    failed.add(name)
+                    report.skipped.append(name)
+                elif deps <= done:
+                    remaining.remove(name)
+                    fut = executor.submit(build_one, graph[name], graph, loaded, cache, services, ledger, progress, log,
+                                          tuple(force_gates), estimates.get(name))
+                    pending[fut] = name
+                    if fut.done() and fut.exception() is not None:
+                        break  # an inline executor failed: handle it before starting more
+            if not pending:
+                break
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                name = pending.pop(fut)
+                try:
+                    state = fut.result()
+                except BaseException as exc:
+                    if _stops_the_build(exc) or not isinstance(exc, Exception):
+                        raise
+                    # a failed target stops its dependents, not the report
+                    report.failed[name] = f"{type(exc).__name__}: {exc}"
+                    # Remembered so `plan` shows it until the target builds.
+                    cache.index.set(("failed", graph[name].key), {"error": report.failed[name][:2000], "time": time.time()})
+                    failed.add(name)
+                    log(f"✗ {name}: {type(exc).__name__}: {exc}")
+                    if not keep_going:
+                        report.skipped += remaining
+                        remaining.clear()
+                        for other, oname in list(pending.items()):
+                            if other.cancel():  # queued, not started: skip it too
+                                del pending[other]
+                                report.skipped.append(oname)
+                    continue
+                done.add(name)
+                {"cached": report.cached, "built": report.built, "waited": report.waited,
+                 "rebuilt-corrupt": report.rebuilt_corrupt, "cut-off": report.cut_off}[state].append(name)
+                if state != "cached":
+                    log(f"✓ {name} ({state})")
+    finally:
+        for fut in pending:
+            fut.cancel()
+        if own:
+            executor.shutdown()
+        if services is not None:
+            services.close()
+        report.spend = ledger.snapshot()
+        _record_run_spend(cache, spec.name, report.spend)
+        report.seconds = time.time() - t0
+    if not report.failed and outputs_root is not None:
+        report.outputs = publish_outputs(loaded, graph, cache, [r.name for r in plan.rows], outputs_root)
+    return report
+
+
+def _record_run_spend(cache: Cache, spec_name: str, spend: dict) -> None:
+    """Add a run's spend to what every run of this spec has spent on this cache (`status`
+    shows it: it includes targets a budget stop or a failure left unbuilt)."""
+    if not spend.get("calls"):
+        return
+    try:
+        with cache.index.transact():
+            total = cache.index.get(("spend", spec_name), {}) or {}
+            for k, v in spend.items():
+                total[k] = total.get(k, 0) + v
+            total["runs"] = total.get("runs", 0) + 1
+            cache.index.set(("spend", spec_name), total)
+    except Exception:  # the record is informational: never mask the run's own outcome
+        pass
+
+
+def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: Path = Path("outputs")) -> Path:
+    """outputs/<run>/: what the main build's stages publish (copied) and provenance:
+    which key made each target."""
+    out = root / loaded.spec.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        node = graph[name]
+        if node.defn.spec is not None:
+            continue  # a sub-build (another data scale) publishes nothing of its own
+        for rel, dest in node.stage.publish(node.defn):
+            src = cache.path(node.key) / rel
+            if rel == ".":
+                for f in src.iterdir():
+                    if f.is_file() and f.name != "MANIFEST.json":
+                        shutil.copy2(f, out / f.name)
+            elif src.is_dir():
+                shutil.rmtree(out / dest, ignore_errors=True)
+                shutil.copytree(src, out / dest)
+            elif src.exists():
+                shutil.copy2(src, out / dest)
+    prov = {"spec": loaded.spec.name, "run": loaded.spec.run_name, "spec_files": [str(f) for f in loaded.files],
+            "constitution": str(loaded.constitution_path), "charbuild": __version__,
+            "targets": {n: {"key": graph[n].key, "stage": graph[n].stage.name, "version": graph[n].stage.version}
+                        for n in names}}
+    write_json_atomic(out / "provenance.json", prov)
+    return out

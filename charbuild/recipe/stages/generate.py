@@ -1,0 +1,129 @@
+"""Generation with online quality filtering, shared by the data stages.
+
+Requests go out in chunks so a stage whose first samples are mostly garbage stops
+before it spends the rest (the humorous run should have died after 100 samples).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from charbuild.backends.base import GenRequest
+from charbuild.recipe.quality import FilterConfig, QualityAbort, StageQuality, check_text, should_abort
+from charbuild.spec.model import FilterSpec, ModelSpec
+
+
+def filter_config(f: FilterSpec, language: str, system_prompt: str | None) -> FilterConfig:
+    return FilterConfig(min_chars=f.min_chars, max_chars=f.max_chars, language=language,
+                        system_prompt=system_prompt, truncate_turns=f.truncate_turns, check_refusal=f.check_refusal)
+
+
+def request(m: ModelSpec, messages: list[dict], seed: int, max_tokens: int | None = None) -> GenRequest:
+    s = m.sampling
+    return GenRequest(messages=messages, max_tokens=max_tokens or s.max_tokens, temperature=s.temperature,
+                      top_p=s.top_p, stop=tuple(s.stop), seed=seed, repetition_penalty=s.repetition_penalty,
+                      frequency_penalty=s.frequency_penalty)
+
+
+def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
+                     f: FilterSpec | None, label: str, chunk: int = 32,
+                     sample_indices: Sequence[int] | None = None) -> tuple[list[dict], StageQuality]:
+    """One record per request: text (truncated at invented turns), verdict, usage.
+
+    With a call cache in the context's services, every call is looked up first and stored
+    as it is answered. Every call really made is charged to the run's ledger by the
+    backend the pool hands out (cached calls cost nothing). `sample_indices` (one per
+    request) tell identical requests apart; by default the n-th occurrence of a request is
+    sample n. The lengths of new calls are recorded for later estimates."""
+    services = ctx.services
+    backend = services.backends.get(role, ctx)
+    call_cache = getattr(services, "call_cache", None)
+    if call_cache is not None:
+        from charbuild.backends.cached import cached_backend_for, occurrence_indices
+
+        backend = cached_backend_for(ctx, role, m, backend, call_cache)
+        sample_indices = list(sample_indices) if sample_indices is not None else occurrence_indices(reqs)
+    quality = StageQuality()
+    out: list[dict] = []
+    new_lengths: list[tuple[int, int]] = []
+    bar = _bar(len(reqs), label, ctx.progress)
+    try:
+        for start in range(0, len(reqs), chunk):
+            batch = list(reqs[start:start + chunk])
+            if call_cache is not None:
+                results = backend.generate(batch, sample_indices=sample_indices[start:start + chunk])
+            else:
+                results = backend.generate(batch)
+            for r in results:
+                if not r.meta.get("cached"):
+                    new_lengths.append((r.prompt_tokens, r.completion_tokens))
+                rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
+                       "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+                if cfg is None:
+                    rec.update(text=r.text, ok=bool(r.text.strip()), reasons=[] if r.text.strip() else ["empty"])
+                else:
+                    v = check_text(r.text, cfg, finish_reason=r.finish_reason)
+                    quality.add(v)
+                    rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
+                out.append(rec)
+            if bar:
+                bar.update(len(batch))
+            if cfg is not None and should_abort(quality, f.first_n, f.max_failure_rate):
+                raise QualityAbort(
+                    f"{label}: {quality.dropped} of the first {quality.checked} samples failed the quality filters "
+                    f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
+                    f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
+    finally:
+        if bar:
+            bar.close()
+        record = getattr(services, "record_lengths", None)
+        if record is not None and new_lengths:
+            record(ctx.target.stage, m.model, len(new_lengths), sum(a for a, _ in new_lengths),
+                   sum(b for _, b in new_lengths), [b for _, b in new_lengths])
+    return out, quality
+
+
+def _bar(total: int, label: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="sample", leave=False)
+
+
+class CountsCachedCalls:
+    """For stages that can list their calls (`planned_calls(ctx) -> (role, model, requests)`,
+    rendered exactly as `run` sends them): `plan` counts which are already answered,
+    prices only the new ones, and counts their input tokens instead of expecting them."""
+
+    def planned_calls(self, ctx):
+        raise NotImplementedError
+
+    def count_calls(self, ctx, est):
+        call_cache = getattr(ctx.services, "call_cache", None)
+        if call_cache is None:
+            return None
+        try:
+            role, m, reqs = self.planned_calls(ctx)
+        except (OSError, ValueError, KeyError):
+            return None  # an input is unreadable: `run` will say so
+        from pathlib import Path
+
+        from charbuild.backends.cached import call_identity, call_key, occurrence_indices
+        from charbuild.recipe.estimates import prompt_tokens
+
+        ident = call_identity(ctx, role, m)
+        new = [r for r, i in zip(reqs, occurrence_indices(reqs)) if not call_cache.has(call_key(*ident, r, i))]
+        slot = f"model:{role}"
+        model_dir = Path(ctx.input(slot)) if slot in ctx.inputs else Path(m.model)
+        tokens, exact = prompt_tokens(new, model_dir / "tokenizer.json")
+        calls = {"cached": len(reqs) - len(new), "new": len(new), "tokens_in_new": tokens, "tokens_exact": exact}
+        if calls["cached"]:  # only the new calls cost anything
+            est = est.scaled(calls["new"] / max(1, len(reqs)))
+        if m.backend == "openai":  # the prompts are known: price their real length
+            delta = ctx.services.price_table(ctx.spec).usd(m, tokens - est.tokens_in, 0)
+            est.usd += delta
+            est.usd_p90 += delta
+            est.api_tokens += tokens - est.tokens_in
+        est.tokens_in = tokens
+        return est, calls

@@ -1,0 +1,230 @@
+"""Introspection data: self-reflections and self-interactions, sharded, filtered online.
+
+The generator is the post-DPO student by default (the paper) or any model role (the
+field report's DeepSeek regeneration). Reasoning traces are kept in reflections and
+stripped in interactions by default. Unlike OCT, the free/leading guidance sentences are
+inserted, and a saved conversation ends on the model's own reply.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+from charbuild.recipe import estimates as cost
+from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
+from charbuild.recipe.stages.common import DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
+
+_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
+REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
+
+
+def _data(name: str) -> dict:
+    from charbuild.spec.loader import fast_safe_load
+
+    return fast_safe_load((DATA_DIR / name).read_text(encoding="utf-8"))
+
+
+def strip_think(text: str) -> str:
+    text = _THINK.sub("", text)
+    # An unclosed trace (cut by max_tokens) is dropped from its start.
+    return text.split("<think>")[0].strip() if "<think>" in text else text.strip()
+
+
+def generator(view_or_spec) -> tuple[str, bool]:
+    """(model role, uses the DPO adapter)."""
+    spec = getattr(view_or_spec, "spec", view_or_spec)
+    gen = spec.introspection.generator
+    return ("student", True) if gen == "dpo-student" else (gen, False)
+
+
+class _Introspection(Stage):
+    count_field: str
+    data_file: str
+    keyed: tuple[str, ...]  # what run() reads besides the generator's model: each is keyed
+
+    def _fields_inputs(self, view: SpecView) -> tuple[dict, dict]:
+        role, with_adapter = generator(view)
+        fields: dict = {}
+        view.read(f"models.{role}", fields)
+        for f in self.keyed:
+            view.read(f, fields)
+        inputs = {"constitution": ["constitution"]} | model_inputs(view.spec, role)
+        if with_adapter:
+            inputs["adapter"] = ["dpo-adapter"]
+        # The prompts/greetings shipped with charbuild are content: key them.
+        fields[f"data:{self.data_file}"] = data_digest(self.data_file)
+        return fields, inputs
+
+    def targets(self, view):
+        fields, inputs = self._fields_inputs(view)
+        spec = view.spec
+        return [TargetDef(shard_name(self.name, i), self.name, fields, {"start": s, "count": n}, inputs, (s, n))
+                for i, s, n in shard_ranges(spec.data.count(self.count_field), spec.data.shard_size)]
+
+    def _finish(self, ctx, rows: list[dict], quality) -> dict:
+        write_jsonl(ctx.out_dir / "samples.jsonl", rows)
+        q = quality.to_dict()
+        (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
+        return {"quality": q, "kept": sum(r["ok"] for r in rows), "samples": len(rows)}
+
+
+class Reflections(CountsCachedCalls, _Introspection):
+    name = "reflections"
+    version = 1
+    count_field = "reflections"
+    data_file = "reflection-prompts.yaml"
+    keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
+             "introspection.reflection_filters")
+    # models: the generator's role; data.*: the shard layout (params); expect: the estimate.
+    reads = ("models", "introspection", "expect", "data.reflections", "data.scale", "data.shard_size")
+
+    def estimate(self, target, ctx):
+        spec = ctx.view(self).spec
+        role, _ = generator(spec)
+        tin = ctx.system_prompt_tokens + 80
+        out = min(spec.expect.reflection_tokens, spec.introspection.reflection_max_tokens)
+        return cost.generation(ctx, spec.models[role], self.name, target.params["count"], tin, out)
+
+    def _requests(self, ctx):
+        from charbuild.recipe.stages.constitution import load_built
+
+        spec = ctx.spec
+        role, _ = generator(spec)
+        m = spec.models[role]
+        c = load_built(ctx.input("constitution"))
+        prompts = _data(self.data_file)["prompts"]
+        system = c.system_prompt() + "\n" + REFLECTIVE_NOTE
+        start, count = ctx.target.params["start"], ctx.target.params["count"]
+        items = list(range(start, start + count))
+        reqs = [request(m, [{"role": "system", "content": system}, {"role": "user", "content": prompts[j % len(prompts)]}],
+                        item_seed(self.name, j), spec.introspection.reflection_max_tokens) for j in items]
+        return role, m, c, prompts, items, reqs
+
+    def planned_calls(self, ctx):
+        """(role, model, requests) exactly as `run` will send them: `plan` counts cached calls."""
+        role, m, _, _, _, reqs = self._requests(ctx)
+        return role, m, reqs
+
+    def run(self, ctx):
+        spec = ctx.spec
+        role, m, c, prompts, items, reqs = self._requests(ctx)
+        f = spec.introspection.reflection_filters
+        cfg = filter_config(f, c.language, c.system_prompt())
+        recs, quality = generate_checked(ctx, role, m, reqs, cfg, f, ctx.target.name)
+        rows = []
+        for j, rec in zip(items, recs):
+            text = rec["text"] if spec.introspection.keep_think_reflections else strip_think(rec["text"])
+            # Saved without the system prompt: SFT teaches the character without being told.
+            rows.append({"item": j, "ok": rec["ok"], "reasons": rec["reasons"],
+                         "messages": [{"role": "user", "content": prompts[j % len(prompts)]},
+                                      {"role": "assistant", "content": text}]})
+        return self._finish(ctx, rows, quality)
+
+
+class Interactions(_Introspection):
+    name = "interactions"
+    version = 1
+    count_field = "interactions"
+    data_file = "interaction-greetings.yaml"
+    # filters: every turn is checked against them, and a failed turn ends the conversation.
+    keyed = ("introspection.generator", "introspection.turn_max_tokens", "introspection.keep_think_interactions",
+             "filters", "data.turns")
+    reads = ("models", "introspection", "filters", "data.turns", "expect", "data.interactions", "data.scale",
+             "data.shard_size")
+
+    def estimate(self, target, ctx):
+        spec = ctx.view(self).spec
+        role, _ = generator(spec)
+        turns, per = spec.data.turns, min(spec.expect.turn_tokens, spec.introspection.turn_max_tokens)
+        # Turn t re-reads the system prompt and the t turns before it.
+        tin = ctx.system_prompt_tokens + 40 + per * (turns - 1) / 2
+        return cost.generation(ctx, spec.models[role], self.name, target.params["count"] * turns, tin, per)
+
+    def run(self, ctx):
+        from charbuild.recipe.stages.constitution import load_built
+
+        spec = ctx.spec
+        role, _ = generator(spec)
+        m = spec.models[role]
+        c = load_built(ctx.input("constitution"))
+        g = _data(self.data_file)
+        start, count = ctx.target.params["start"], ctx.target.params["count"]
+        items = list(range(start, start + count))
+        kinds = ["free" if j % 2 == 0 else "leading" for j in items]
+        base = c.system_prompt() + "\n" + g["system_note"]
+        systems = [base + " " + g[f"{k}_guidance"] for k in kinds]
+        convs = [[g[k][(j // 2) % len(g[k])]] for j, k in zip(items, kinds)]  # utterances, speaker A first
+        alive = [True] * len(items)
+        failed = [None] * len(items)
+        f = spec.filters
+        cfg = filter_config(f, c.language, c.system_prompt())
+        from charbuild.recipe.quality import StageQuality
+
+        total_q = StageQuality()
+        for turn in range(spec.data.turns):
+            idx = [i for i in range(len(items)) if alive[i]]
+            if not idx:
+                break
+            reqs = []
+            for i in idx:
+                conv = convs[i]
+                # The speaker's own past utterances are "assistant", the copy's are "user".
+                n = len(conv)
+                msgs = [{"role": "system", "content": systems[i]}]
+                msgs += [{"role": "assistant" if (n - k) % 2 == 0 else "user", "content": u} for k, u in enumerate(conv)]
+                reqs.append(request(m, msgs, item_seed(self.name, items[i] * 1000 + turn), spec.introspection.turn_max_tokens))
+            recs, q = generate_checked(ctx, role, m, reqs, cfg, f, f"{ctx.target.name} turn {turn + 1}")
+            for key in ("checked", "dropped"):
+                setattr(total_q, key, getattr(total_q, key) + getattr(q, key))
+            for r, cnt in q.counts.items():
+                total_q.counts[r] = total_q.counts.get(r, 0) + cnt
+            for i, rec in zip(idx, recs):
+                text = rec["text"] if spec.introspection.keep_think_interactions else strip_think(rec["text"])
+                if not rec["ok"] or not text:
+                    alive[i] = False
+                    failed[i] = rec["reasons"] or ["empty"]
+                else:
+                    convs[i].append(text)
+        rows = []
+        sft_system = g["system_note"] + " " + g["free_guidance"]
+        for i, j in enumerate(items):
+            conv = convs[i]
+            # Seen from the copy that answered the greeting; end on its own reply.
+            replies = len(conv) - 1
+            keep = conv[: 1 + replies - (replies % 2 == 0 and replies > 0)] if replies else conv
+            msgs = [{"role": "system", "content": sft_system}]
+            msgs += [{"role": "user" if k % 2 == 0 else "assistant", "content": u} for k, u in enumerate(keep)]
+            ok = len(keep) >= 2
+            rows.append({"item": j, "kind": kinds[i], "turns": len(conv) - 1, "ok": ok,
+                         "reasons": ([] if ok else (failed[i] or ["too_short"])), "stopped_by": failed[i],
+                         "messages": msgs})
+        return self._finish(ctx, rows, total_q)
+
+
+class SftData(Stage):
+    name = "sft-data"
+    version = 1
+    reads = ("data.reflections", "data.interactions", "data.scale", "data.shard_size")  # which shards it merges
+
+    def targets(self, view):
+        spec = view.spec
+        refl = [shard_name("reflections", i) for i, _, _ in shard_ranges(spec.data.count("reflections"), spec.data.shard_size)]
+        inter = [shard_name("interactions", i) for i, _, _ in shard_ranges(spec.data.count("interactions"), spec.data.shard_size)]
+        return [TargetDef("sft-data", self.name, {}, {"shuffle_seed": 0}, {"reflections": refl, "interactions": inter})]
+
+    def publish(self, target):
+        return [("sft_data.jsonl", "sft-data.jsonl")]
+
+    def run(self, ctx):
+        rows = []
+        for slot in ("reflections", "interactions"):
+            for d in ctx.inputs[slot]:
+                rows += [{"messages": r["messages"], "source": slot} for r in read_jsonl(d / "samples.jsonl") if r["ok"]]
+        random.Random(ctx.target.params["shuffle_seed"]).shuffle(rows)  # seeded, unlike OCT
+        n = write_jsonl(ctx.out_dir / "sft_data.jsonl", rows)
+        counts = {s: sum(r["source"] == s for r in rows) for s in ("reflections", "interactions")}
+        (ctx.out_dir / "stats.json").write_text(json.dumps({"examples": n, **counts}, indent=1))
+        return {"examples": n, **counts}

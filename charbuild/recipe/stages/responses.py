@@ -1,0 +1,91 @@
+"""Teacher and student responses, one target per shard.
+
+The teacher answers with the constitution as its system prompt (chosen); the student
+answers with none (rejected). Item j of the DPO set is prompt j mod len(prompts), so a
+shard covers the same items whatever the total count.
+"""
+
+from __future__ import annotations
+
+import json
+
+from charbuild.recipe import estimates as cost
+from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
+from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
+
+
+class _Responses(CountsCachedCalls, Stage):
+    role: str
+    with_constitution: bool
+    # The shard layout reads data.dpo_pairs, data.scale and data.shard_size (into params);
+    # expect is for the estimate only (NoKey).
+    SHARDS = ("data.dpo_pairs", "data.scale", "data.shard_size")
+
+    def targets(self, view: SpecView) -> list[TargetDef]:
+        spec = view.spec
+        total = spec.data.count("dpo_pairs")
+        fields: dict = {}
+        view.read(f"models.{self.role}", fields)
+        if self.with_constitution:
+            view.read("filters", fields)
+        inputs = {"prompts": ["prompts"], "constitution": ["constitution"]} | model_inputs(spec, self.role)
+        return [TargetDef(shard_name(self.name, i), self.name, fields, {"start": s, "count": n}, inputs, (s, n))
+                for i, s, n in shard_ranges(total, spec.data.shard_size)]
+
+    def estimate(self, target, ctx):
+        spec = ctx.view(self).spec
+        tin = spec.expect.prompt_tokens + (ctx.system_prompt_tokens if self.with_constitution else 0) + 10
+        return cost.generation(ctx, spec.models[self.role], self.name, target.params["count"], tin, spec.expect.response_tokens)
+
+    def _requests(self, ctx):
+        from charbuild.recipe.stages.constitution import load_built
+
+        m = ctx.spec.models[self.role]
+        prompts = list(read_jsonl(ctx.input("prompts") / "prompts.jsonl"))
+        c = load_built(ctx.input("constitution"))
+        system = c.system_prompt() if self.with_constitution else None
+        start, count = ctx.target.params["start"], ctx.target.params["count"]
+        items = list(range(start, start + count))
+        reqs = []
+        for j in items:
+            p = prompts[j % len(prompts)]
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p["prompt"]}]
+            reqs.append(request(m, msgs, item_seed(self.name, j)))
+        return m, c, system, prompts, items, reqs
+
+    def planned_calls(self, ctx):
+        """(role, model, requests) exactly as `run` will send them: `plan` counts cached calls."""
+        m, _, _, _, _, reqs = self._requests(ctx)
+        return self.role, m, reqs
+
+    def run(self, ctx):
+        spec = ctx.spec
+        m, c, system, prompts, items, reqs = self._requests(ctx)
+        # The student's answers are the rejected side: they are not filtered for quality
+        # (a weak answer is the point), only truncated at invented turns by the pair join.
+        f = spec.filters if self.with_constitution else None  # keyed for the teacher only
+        cfg = filter_config(f, c.language, system) if f is not None else None
+        recs, quality = generate_checked(ctx, self.role, m, reqs, cfg, f, ctx.target.name)
+        rows = [{"item": j, "prompt_id": prompts[j % len(prompts)].get("id"), "prompt": prompts[j % len(prompts)]["prompt"],
+                 **rec} for j, rec in zip(items, recs)]
+        write_jsonl(ctx.out_dir / "responses.jsonl", rows)
+        q = quality.to_dict()
+        (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
+        return {"quality": q, "samples": len(rows)}
+
+
+class TeacherResponses(_Responses):
+    name = "teacher-responses"
+    version = 1
+    role = "teacher"
+    with_constitution = True
+    reads = ("models.teacher", "filters", "expect") + _Responses.SHARDS
+
+
+class StudentResponses(_Responses):
+    name = "student-responses"
+    version = 1
+    role = "student"
+    with_constitution = False
+    reads = ("models.student", "expect") + _Responses.SHARDS

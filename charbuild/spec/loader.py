@@ -1,0 +1,204 @@
+"""YAML loading that remembers where every value came from.
+
+`load_layers` reads a spec file, follows its `extends:` chain, deep-merges the layers and
+applies `--set` overrides, returning the merged data and a map from each field path to
+the file and line that set it. Validation errors are then reported as `file:line`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from charbuild.errors import SpecError
+
+try:  # the C loader is several times faster; fall back where libyaml is absent
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _Loader  # type: ignore
+
+Path_ = tuple  # a field path such as ("models", "teacher", "model")
+
+
+@dataclass(frozen=True)
+class Loc:
+    file: str
+    line: int | None  # 1-based; None for command-line overrides
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def fast_safe_load(text: str):
+    """yaml.safe_load with libyaml's C loader where present (several times faster)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") -> SpecError:
+    return SpecError([{"type": type_, "loc": loc, "msg": msg, "where": str(where)}])
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Loc]]:
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else {}
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        raise _error(Loc(file, line), (), f"invalid YAML: {exc.problem}", "yaml_syntax") from None
+    except yaml.reader.ReaderError as exc:
+        # Control characters are rejected by the reader, which knows only an offset.
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        raise _error(Loc(file, line), (), f"invalid YAML: unacceptable character #x{_ord(exc.character):04x}: "
+                     f"{exc.reason}", "yaml_syntax") from None
+    except yaml.YAMLError as exc:
+        raise _error(Loc(file, None), (), f"invalid YAML: {' '.join(str(exc).split())}", "yaml_syntax") from None
+    if node is None:
+        # Nothing but comments or whitespace: validating {} would list missing fields
+        # with no file to point at, which hides the real mistake.
+        raise _error(Loc(file, None), (), "the spec file is empty (a spec is a YAML mapping: name, persona, "
+                     "constitution, models, ...)", "spec_empty")
+    locs: dict[Path_, Loc] = {}
+    _walk(node, (), file, locs)
+    return data, locs
+
+
+def _ord(c: Any) -> int:
+    return ord(c) if isinstance(c, str) and len(c) == 1 else c if isinstance(c, int) else 0
+
+
+def _walk(node: yaml.Node, path: Path_, file: str, locs: dict[Path_, Loc]) -> None:
+    locs[path] = Loc(file, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for knode, vnode in node.value:
+            key = knode.value
+            if key in seen:
+                # PyYAML keeps the last silently; a duplicated key is almost always a mistake.
+                raise _error(Loc(file, knode.start_mark.line + 1), path + (key,),
+                             f"duplicate key (first set on line {seen[key]})", "duplicate_key")
+            seen[key] = knode.start_mark.line + 1
+            locs[path + (key,)] = Loc(file, knode.start_mark.line + 1)
+            _walk(vnode, path + (key,), file, locs)
+            locs[path + (key,)] = Loc(file, knode.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), file, locs)
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced whole."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = deep_merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def _read(path: Path, referrer: Loc | None) -> str:
+    shown = _display(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _error(referrer or Loc(str(path), None), ("extends",) if referrer else (),
+                     f"spec file not found: {path}", "file_missing") from None
+    except OSError as exc:  # a directory, no permission: the CLI would print a traceback
+        why = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc)).lower()
+        raise _error(Loc(shown, None), (), f"cannot read the spec file: {why}", "file_unreadable") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(raw, exc.start, shown) from None
+
+
+def _not_utf8(raw: bytes, start: int, shown: str) -> SpecError:
+    """Where the first bad byte is, as an editor counts it (line, and characters in the line)."""
+    line = raw.count(b"\n", 0, start) + 1
+    line_start = raw.rfind(b"\n", 0, start) + 1
+    column = len(raw[line_start:start].decode("utf-8", "replace")) + 1
+    hint = ": it looks like UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return _error(Loc(shown, line), (), f"not UTF-8 text (byte 0x{raw[start]:02x} at line {line}, column {column})"
+                  f"{hint}; save the file as UTF-8", "file_encoding")
+
+
+def load_layers(path: str | Path, _chain: tuple[Path, ...] = (), _referrer: Loc | None = None
+                ) -> tuple[dict, dict[Path_, Loc], list[Path]]:
+    """Merged data, field locations, and every file read (for the plan memo's digest)."""
+    p = Path(path).resolve()
+    if p in _chain:
+        cycle = " -> ".join(str(c.name) for c in (*_chain, p))
+        raise _error(_referrer or Loc(str(p), None), ("extends",), f"cycle in extends: {cycle}", "extends_cycle")
+    shown = _display(p)
+    data, locs = _parse_yaml(_read(p, _referrer), shown)
+    if not isinstance(data, dict):
+        raise _error(Loc(shown, 1), (), "a spec must be a YAML mapping", "spec_type")
+    files = [p]
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data, locs, files
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise _error(locs[("extends",)], ("extends",), "extends must be a file name or a list of them")
+    merged: dict = {}
+    merged_locs: dict[Path_, Loc] = {}
+    for parent in parents:
+        pdata, plocs, pfiles = load_layers(p.parent / parent, (*_chain, p), locs[("extends",)])
+        merged = deep_merge(merged, pdata)
+        merged_locs.update(plocs)
+        files += pfiles
+    merged = deep_merge(merged, data)
+    merged_locs.update({k: v for k, v in locs.items() if k != ("extends",)})
+    return merged, merged_locs, files
+
+
+def apply_set(data: dict, locs: dict[Path_, Loc], assignment: str) -> None:
+    """Apply one `--set a.b.c=value`; the value is parsed as YAML (so 0.5, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise _error(Loc("--set", None), (), f"expected path=value, got {assignment!r}", "set_syntax")
+    dotted, raw = assignment.split("=", 1)
+    parts = tuple(p for p in dotted.strip().split(".") if p)
+    if not parts:
+        raise _error(Loc("--set", None), (), f"empty field path in {assignment!r}", "set_syntax")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, key in enumerate(parts[:-1]):
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise _error(Loc(f"--set {assignment}", None), parts[: i + 1], "is not a mapping, cannot set a field inside it")
+        node = nxt
+    node[parts[-1]] = value
+    for k in [k for k in locs if k[: len(parts)] == parts]:
+        del locs[k]
+    locs[parts] = Loc(f"--set {assignment}", None)
+
+
+def where(locs: dict[Path_, Loc], loc: tuple) -> Loc | None:
+    """The location of a field, or of its nearest ancestor that has one."""
+    loc = tuple(loc)
+    while True:
+        if loc in locs:
+            return locs[loc]
+        if not loc:
+            return None
+        loc = loc[:-1]
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

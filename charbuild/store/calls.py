@@ -1,0 +1,273 @@
+"""The call-level cache: every generation call (one sample of one prompt) is paid once.
+
+Layout under the cache root:
+
+    calls/ab/<key>.json      one answered call: {"key", "result", "usage_usd", "digest", ...}
+    calls/claims.lock        claims on calls being asked right now: one byte-range lock per call
+
+An entry is written to a temp file and renamed (linked) into place, so it is complete or
+absent; the first writer wins and a valid entry is never overwritten. Reads verify the
+digest inside the entry: a corrupt entry is counted, logged and treated as missing (the
+call is asked again and the entry replaced). Entries are not fsynced: a process killed
+with -9 loses nothing the kernel already has, and an entry torn by a power cut fails
+verification and is simply asked again.
+
+`charbuild.backends.cached.CachedBackend` wraps any backend with this store. Before asking, it claims each missed call
+(non-blocking; an open-file-description byte-range lock on calls/claims.lock at an offset
+taken from the key, so a claim costs one syscall and no file; the OS drops it when the
+process dies; where OFD locks are missing, an flock on calls/locks/<key>.lock): a call
+claimed by another run is not asked here but waited for and read from the cache, so two
+runs sharing one cache root ask each call once, and a call answered by one run is never
+re-asked by the other once it is stored. Answers are stored one by one as they arrive
+(backends that take `on_result`, like the openai one: by a writer thread, so the
+backend's event loop is never blocked on disk) or when the batch returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import fcntl
+import inspect
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import xxhash
+
+from charbuild.store.hashing import digest
+
+log = logging.getLogger(__name__)
+
+ENTRY_SCHEMA = 1
+CLAIM_WINDOW = 512  # calls claimed at once per generate()
+POLL_S = (0.01, 0.2)  # wait for calls claimed by another run: first and longest poll interval
+
+
+# -- the store -------------------------------------------------------------------------------
+
+def _entry_digest(key: str, result: dict, usage_usd: float | None) -> str:
+    return digest("CallEntry", key, result, usage_usd)
+
+
+class CallCache:
+    """One small verified JSON file per answered call, under <root>/calls/."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.dir = self.root / "calls"
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+        self.stored = 0
+        self._made: set[str] = set()
+        self._lock = threading.Lock()
+        self._fd = -1  # calls/claims.lock, opened on the first claim
+        self._claims_id = ""
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.json"
+
+    @property
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "stored": self.stored}
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    # reading
+    def _read(self, key: str, report: bool = True) -> dict | None:
+        """The verified entry, or None when missing or corrupt (counted and logged when
+        `report`); no hit/miss counting."""
+        p = self.path(key)
+        try:
+            with open(p, "rb") as f:
+                raw = f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            e = json.loads(raw)
+            res = e["result"]
+            if e.get("schema") != ENTRY_SCHEMA or e.get("key") != key or \
+                    e.get("digest") != _entry_digest(key, res, e.get("usage_usd")):
+                raise ValueError("digest mismatch")
+            out = {"text": str(res["text"]), "finish_reason": res["finish_reason"],
+                   "prompt_tokens": int(res["prompt_tokens"]), "completion_tokens": int(res["completion_tokens"]),
+                   "meta": dict(res.get("meta") or {})}
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            if not report:
+                return None
+            self._count("corrupt")
+            log.warning("call cache: entry %s is corrupt (%s); asking the call again", p, err)
+            return None
+        out["meta"]["cached"] = True
+        if e.get("usage_usd") is not None:
+            out["meta"]["usd_when_asked"] = e["usage_usd"]
+        return out
+
+    def get(self, key: str) -> dict | None:
+        r = self._read(key)
+        self._count("hits" if r is not None else "misses")
+        return r
+
+    def get_many(self, keys: Iterable[str]) -> list[dict | None]:
+        return [self.get(k) for k in keys]
+
+    def has(self, key: str) -> bool:
+        """Existence only (no verification): what a plan needs to count cached calls."""
+        return os.path.exists(self.path(key))
+
+    def __contains__(self, key: str) -> bool:
+        return self._read(key) is not None
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def keys(self) -> Iterable[str]:
+        if not self.dir.is_dir():
+            return
+        for sub in self.dir.iterdir():
+            if len(sub.name) == 2 and sub.is_dir():
+                for f in sub.iterdir():
+                    if f.name.endswith(".json") and not f.name.startswith("."):
+                        yield f.name[:-5]
+
+    # writing
+    def put(self, key: str, result: dict, usage_usd: float | None = None) -> bool:
+        """Store an answer (text, finish_reason, token counts, meta); the first writer wins.
+        Returns True when this call wrote it."""
+        res = {k: result[k] for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")}
+        res["meta"] = {k: v for k, v in (result.get("meta") or {}).items() if k != "cached"}
+        entry = {"schema": ENTRY_SCHEMA, "key": key, "result": res, "usage_usd": usage_usd,
+                 "digest": _entry_digest(key, res, usage_usd), "created": time.time()}
+        data = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
+        p = self.path(key)
+        sub = key[:2]
+        if sub not in self._made:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(sub)
+        tmp = p.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, p)  # atomic, and fails when an entry is already there
+            except FileExistsError:
+                if self._read(key, report=False) is not None:
+                    return False  # a valid entry: first writer wins
+                os.replace(tmp, p)  # the old one is corrupt: replace it
+            self._count("stored")
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    # claims
+    def claim(self, key: str) -> "_Claim | None":
+        """A non-blocking exclusive claim on asking `key` (None when another holds it, in
+        this process or another)."""
+        if _OFD is not None:
+            return self._claim_ofd(key)
+        return self._claim_file(key)
+
+    def _claims_fd(self) -> int:
+        with self._lock:
+            if self._fd < 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.dir / "claims.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                self._claims_id = str((self.dir / "claims.lock").resolve())
+            return self._fd
+
+    def _claim_ofd(self, key: str) -> "_Claim | None":
+        fd = self._claims_fd()
+        off = int(key[:15], 16)
+        held = (self._claims_id, off)
+        with _HELD_LOCK:  # OFD locks do not conflict within one open file: guard this process too
+            if held in _HELD:
+                return None
+            try:
+                fcntl.fcntl(fd, _OFD[0], struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, off, 1, 0))
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return None
+                raise
+            _HELD.add(held)
+        return _Claim(self, key, fd=fd, held=held)
+
+    def _claim_file(self, key: str) -> "_Claim | None":
+        d = self.dir / "locks"
+        if "locks" not in self._made:
+            d.mkdir(parents=True, exist_ok=True)
+            self._made.add("locks")
+        lp = d / f"{key}.lock"
+        while True:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            try:  # the holder before us may have removed the file after storing: lock the live one
+                if os.fstat(fd).st_ino == os.stat(lp).st_ino:
+                    return _Claim(self, key, fd=fd, path=lp)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # drops any claim still held through it
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+# Open-file-description locks (Linux >= 3.15): per open file, not per process, so closing
+# some other descriptor of the file never drops them.
+_OFD = (fcntl.F_OFD_SETLK,) if hasattr(fcntl, "F_OFD_SETLK") else None
+_FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_HELD: set[tuple[str, int]] = set()
+_HELD_LOCK = threading.Lock()
+
+
+class _Claim:
+    __slots__ = ("cache", "key", "fd", "path", "held")
+
+    def __init__(self, cache: CallCache, key: str, fd: int, path: Path | None = None, held=None):
+        self.cache, self.key, self.fd, self.path, self.held = cache, key, fd, path, held
+
+    def release(self, done: bool) -> None:
+        """Drop the claim; `done` (the answer is stored) also removes a per-call lock file."""
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        if self.held is not None:
+            with _HELD_LOCK:
+                try:
+                    fcntl.fcntl(fd, _OFD[0], struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, self.held[1], 1, 0))
+                except OSError:
+                    pass  # the descriptor was closed: the lock went with it
+                _HELD.discard(self.held)
+            return
+        if done:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(fd)

@@ -1,0 +1,399 @@
+"""A fake OpenAI chat-completions server for tests and benchmarks.
+
+It speaks the real protocol over a real loopback socket (aiohttp.web, 127.0.0.1, port 0)
+from a background thread with its own event loop, and can inject faults:
+429 (optionally with Retry-After), 500, slow replies, truncated JSON bodies and dropped
+connections.  Faults are drawn from a `random.Random(seed)` in arrival order, so a run
+with the same seed and arrival order gets the same faults; `Faults.script` forces the
+first arrivals' faults exactly.
+
+    with FakeOpenAIServer(latency_s=0.01) as srv:
+        base_url = srv.base_url          # "http://127.0.0.1:<port>/v1"
+        ...
+        srv.completed, srv.by_status, srv.peak_in_flight, srv.arrivals
+        srv.answered, srv.delivered   # per request signature: answers made, answers written out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiohttp import web
+
+FAULT_KINDS = ("429", "500", "slow", "malformed", "drop", "ok")
+
+
+@dataclass
+class Faults:
+    """Per-request fault probabilities (one draw per arrival); deterministic given seed."""
+
+    p_429: float = 0.0
+    retry_after_s: float | None = None  # Retry-After header value sent with 429s
+    p_500: float = 0.0
+    p_slow: float = 0.0
+    slow_s: float = 0.0  # extra latency of a slow reply
+    p_malformed: float = 0.0  # 200 with a truncated JSON body
+    p_drop: float = 0.0  # close the connection without any response
+    seed: int = 0
+    # forced faults for the first arrivals, e.g. ["429", "429"]; then the probabilities apply
+    script: list[str] = field(default_factory=list)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def signature(body: dict) -> str:
+    """Identity of a request (what a client would resend on retry)."""
+    key = {k: body.get(k) for k in ("messages", "seed", "temperature", "top_p", "max_tokens")}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def last_user_message(body: dict) -> str:
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
+
+
+_FILLER = "and so the answer goes on for a few more words"
+
+
+def default_reply(body: dict) -> str:
+    """Deterministic text that names its request: its last user message, seed, temperature."""
+    return f"reply to [{last_user_message(body)}] seed={body.get('seed')} temperature={body.get('temperature')} : {_FILLER}"
+
+
+class FakeOpenAIServer:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        faults: Faults | None = None,
+        reply: Callable[[dict], str] | None = None,
+        require_key: str | None = None,
+        record_arrivals: bool = True,
+    ):
+        self.latency_s = latency_s
+        self.faults = faults or Faults()
+        self.reply = reply or default_reply
+        self.require_key = require_key
+        self.record_arrivals = record_arrivals
+        self._rng = random.Random(self.faults.seed)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self.base_url: str | None = None
+        self.reset_counters()
+
+    # -- counters -----------------------------------------------------------------
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.requests_total = 0  # every POST /v1/chat/completions that arrived
+            self.completed = 0  # 200 OK with a valid chat.completion body
+            self.by_status: collections.Counter = collections.Counter()  # int status or "drop"
+            self.faults_injected: collections.Counter = collections.Counter()
+            # with record_arrivals (the default):
+            self.answered: collections.Counter = collections.Counter()  # signature -> valid answers
+            # signature -> valid answers written whole to the client's socket (a client that
+            # timed out and hung up first is not counted): a duplicate delivery shows here
+            self.delivered: collections.Counter = collections.Counter()
+            self.arrivals: list[float] = []  # time.monotonic() of each arrival (server clock)
+            self.arrivals_by_sig: dict[str, list[float]] = collections.defaultdict(list)
+            self.in_flight = 0
+            self.peak_in_flight = 0
+            self.last_request: dict | None = None
+            self._fault_count = 0
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "requests_total": self.requests_total,
+                "completed": self.completed,
+                "by_status": {str(k): v for k, v in self.by_status.items()},
+                "faults_injected": dict(self.faults_injected),
+                "peak_in_flight": self.peak_in_flight,
+            }
+
+    # -- fault drawing -------------------------------------------------------------
+    def _draw_fault(self) -> str:
+        f = self.faults
+        with self._lock:
+            n = self._fault_count
+            self._fault_count += 1
+            if n < len(f.script):
+                return f.script[n]
+            x = self._rng.random()
+        for kind, p in (("429", f.p_429), ("500", f.p_500), ("drop", f.p_drop),
+                        ("malformed", f.p_malformed), ("slow", f.p_slow)):
+            if x < p:
+                return kind
+            x -= p
+        return "ok"
+
+    # -- handlers ------------------------------------------------------------------
+    @staticmethod
+    def _error(status: int, message: str, type_: str, headers: dict | None = None) -> web.Response:
+        body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+        return web.json_response(body, status=status, headers=headers)
+
+    def _count_status(self, status) -> None:
+        with self._lock:
+            self.by_status[status] += 1
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "charbuild-tests"}]})
+
+    def _check_key(self, request: web.Request) -> web.Response | None:
+        if self.require_key is None:
+            return None
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        if token != self.require_key:
+            # like the real API, the message echoes (part of) the key it got
+            return self._error(401, f"Incorrect API key provided: {token}.", "invalid_request_error")
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        now = time.monotonic()
+        with self._lock:
+            self.requests_total += 1
+            if self.record_arrivals:
+                self.arrivals.append(now)
+            self.in_flight += 1
+            if self.in_flight > self.peak_in_flight:
+                self.peak_in_flight = self.in_flight
+        try:
+            resp = await self._chat_inner(request, now)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        return resp
+
+    async def _chat_inner(self, request: web.Request, now: float) -> web.StreamResponse:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            self._count_status(401)
+            return bad_key
+        try:
+            body = json.loads(await request.read())
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._count_status(400)
+            return self._error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if not body.get("model") or not isinstance(body.get("messages"), list) or not body["messages"]:
+            self._count_status(400)
+            return self._error(400, "'model' and a non-empty 'messages' are required.", "invalid_request_error")
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (not isinstance(stop, list) or len(stop) > 4):
+            self._count_status(400)
+            return self._error(400, "'stop' accepts at most 4 sequences.", "invalid_request_error")
+
+        sig = signature(body) if self.record_arrivals else ""
+        with self._lock:
+            self.last_request = body
+            if self.record_arrivals:
+                self.arrivals_by_sig[sig].append(now)
+        fault = self._draw_fault()
+        if fault != "ok":
+            with self._lock:
+                self.faults_injected[fault] += 1
+
+        if fault == "429":
+            self._count_status(429)
+            headers = {}
+            if self.faults.retry_after_s is not None:
+                headers["Retry-After"] = f"{self.faults.retry_after_s:g}"
+            return self._error(429, "Rate limit reached for requests.", "requests", headers=headers)
+        if fault == "500":
+            self._count_status(500)
+            return self._error(500, "The server had an error while processing your request.", "server_error")
+
+        delay = self.latency_s + (self.faults.slow_s if fault == "slow" else 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        if fault == "drop":
+            self._count_status("drop")
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=200)  # writing it fails: the client sees a dropped connection
+
+        payload = self._completion(body, stop or [])
+        raw = json.dumps(payload).encode()
+        if fault == "malformed":
+            self._count_status(200)
+            cut = raw[: max(1, len(raw) // 2)]
+            if self._rng.random() < 0.5:
+                # truncated JSON with a matching Content-Length: a complete but broken body
+                return web.Response(body=cut, content_type="application/json")
+            # declared length longer than what is sent, then the connection closes
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            resp.content_length = len(raw)
+            await resp.prepare(request)
+            await resp.write(cut)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+
+        with self._lock:
+            self.by_status[200] += 1
+            self.completed += 1
+            if sig:
+                self.answered[sig] += 1
+        resp = web.Response(body=raw, content_type="application/json")
+        if not sig:
+            return resp
+        # Sent here, not by aiohttp after the handler returns, so the server knows the answer
+        # reached the client's socket; a hung-up client raises or cancels this handler.
+        await resp.prepare(request)
+        await resp.write_eof()
+        with self._lock:
+            self.delivered[sig] += 1
+        return resp
+
+    def _completion(self, body: dict, stop: list[str]) -> dict:
+        text = self.reply(body)
+        finish = "stop"
+        cut = -1
+        for s in stop:
+            i = text.find(s) if s else -1
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            text = text[:cut]
+        max_tokens = body.get("max_tokens")
+        toks = text.split()
+        if isinstance(max_tokens, int) and len(toks) > max_tokens:
+            text = " ".join(toks[:max_tokens])
+            finish = "length"
+        prompt_tokens = sum(words(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict))
+        completion_tokens = words(text)
+        return {
+            "id": f"chatcmpl-{next(self._ids):024d}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> str:
+        if self.base_url is not None:
+            return self.base_url
+        ready = threading.Event()
+        err: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                app = web.Application()
+                app.router.add_post("/v1/chat/completions", self._chat)
+                app.router.add_get("/v1/models", self._models)
+                runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+                loop.run_until_complete(runner.setup())
+                site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+                loop.run_until_complete(site.start())
+                port = runner.addresses[0][1]
+                self._runner = runner
+                self.base_url = f"http://127.0.0.1:{port}/v1"
+            except BaseException as e:  # pragma: no cover
+                err.append(e)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-openai-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if err:
+            raise err[0]
+        assert self.base_url is not None, "fake server did not start"
+        return self.base_url
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._thread = self._loop = self._runner = None
+        self.base_url = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- the server in its own process, for benchmarks (a thread would share the client's GIL) --
+
+def _serve_child(latency: float, conn) -> None:
+    srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+    conn.send(srv.start())
+    while conn.recv() == "cpu":
+        conn.send(time.process_time())
+    conn.send(srv.stats())  # anything else: stop
+    srv.stop()
+
+
+class ServerHandle:
+    def __init__(self, mode: str, latency: float):
+        self.mode = mode
+        if mode == "thread":
+            self.srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+            self.base_url = self.srv.start()
+        else:
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_serve_child, args=(latency, child), daemon=True)
+            self.proc.start()
+            self.base_url = self.conn.recv()
+
+    def cpu(self) -> float:
+        """Server CPU seconds so far (0 for a thread server: it is in the client's own CPU)."""
+        if self.mode == "thread":
+            return 0.0
+        self.conn.send("cpu")
+        return self.conn.recv()
+
+    def stop(self) -> dict:
+        if self.mode == "thread":
+            stats = self.srv.stats()
+            self.srv.stop()
+            return stats
+        self.conn.send("stop")
+        stats = self.conn.recv()
+        self.proc.join(10)
+        return stats
