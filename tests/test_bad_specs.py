@@ -138,3 +138,47 @@ def test_a_control_character_in_the_yaml_names_its_line(tmp_path):
     p.write_text("name: x\npersona: a\x07b\n")
     r = cli("plan", str(p))
     assert r.returncode == 2 and f"{p}:2: (spec): invalid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def constitution_of(specs):
+    """The constitution smoke-small.yaml names, as the CLI prints its path."""
+    return (specs.parent / "constitutions" / "remorseful.yaml").resolve()
+
+
+def test_a_constitution_that_is_not_utf8_is_named_with_its_line_and_column(specs):
+    c = constitution_of(specs)
+    c.write_bytes(b"persona: remorseful\nlanguage: caf\xe9\n")
+    r = cli("plan", str(specs / "smoke-small.yaml"))
+    assert r.returncode == 2, r.stderr
+    assert f"{c}:2: not UTF-8 text (byte 0xe9 at line 2, column 14); save the file as UTF-8" in r.stderr
+    assert "codec can't decode" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# traits: todo\n"])
+def test_an_empty_constitution_is_named_as_empty(specs, text):
+    c = constitution_of(specs)
+    c.write_text(text)
+    r = cli("plan", str(specs / "smoke-small.yaml"))
+    assert r.returncode == 2, r.stderr
+    assert f"{c}: the constitution file is empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_invalid_yaml_in_a_constitution_names_the_file_and_line(specs):
+    c = constitution_of(specs)
+    c.write_text("persona: remorseful\ntraits: [unclosed\n")
+    r = cli("plan", str(specs / "smoke-small.yaml"))
+    assert r.returncode == 2, r.stderr
+    assert f"{c}:" in r.stderr and "invalid YAML" in r.stderr and "Traceback" not in r.stderr
+    c.write_text("persona: remorseful\nlanguage: e\x07n\n")
+    r = cli("plan", str(specs / "smoke-small.yaml"))
+    assert r.returncode == 2 and f"{c}:2: invalid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_constitution_that_is_a_directory_is_named(tmp_path):
+    from charbuild.recipe.constitution_file import ConstitutionError, load_constitution
+
+    d = tmp_path / "remorseful.yaml"
+    d.mkdir()
+    with pytest.raises(ConstitutionError) as ei:
+        load_constitution(d)
+    assert str(ei.value) == f"{d}: cannot read the constitution file: is a directory"

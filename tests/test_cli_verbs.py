@@ -65,6 +65,33 @@ def test_explain_names_the_field_that_changed_since_the_last_build(specs, tmp_pa
     assert read_line(out, "data.prompts").endswith(f"(--set {whole})")
 
 
+def test_explain_names_builtin_data_files_defaults_and_command_line_overrides(specs, tmp_path):
+    cache = str(tmp_path / "cache")
+    deepseek, small = specs / "remorseful-deepseek.yaml", specs / "smoke-small.yaml"
+    code, out, err = cb("explain", str(deepseek), "reflections/shard-0002", "--cache", cache)
+    assert code == 0, err
+    # A digest of a data file shipped with charbuild: no line of any spec set it.
+    assert read_line(out, "data:reflection-prompts.yaml").endswith("(charbuild data file reflection-prompts.yaml)")
+    # Set neither in this spec nor in the paper spec it extends: its default, not the
+    # line of the `introspection:` mapping around it.
+    assert read_line(out, "introspection.reflection_filters").endswith("(default)")
+    assert read_line(out, "introspection.reflection_max_tokens").endswith("(default)")
+    assert read_line(out, "introspection.generator").endswith(f"({deepseek}:{line_of(deepseek, '  generator:')})")
+
+    # One leaf overridden on the command line: the file line, and the override.
+    code, out, err = cb("explain", str(small), "prompts", "--cache", cache, "--set", "data.prompts.general_limit=30")
+    assert code == 0, err
+    assert read_line(out, "data.prompts").endswith(
+        f"({small}:{line_of(small, '  prompts:')}, --set data.prompts.general_limit=30)")
+    # A default given a value only on the command line names only the override.
+    code, out, err = cb("explain", str(deepseek), "reflections/shard-0002", "--cache", cache,
+                        "--set", "introspection.reflection_filters.min_chars=50")
+    assert code == 0, err
+    assert read_line(out, "introspection.reflection_filters").endswith(
+        "(--set introspection.reflection_filters.min_chars=50)")
+    assert read_line(out, "introspection.reflection_max_tokens").endswith("(default)")
+
+
 def test_dag_folds_shards_and_speaks_mermaid_and_dot(specs):
     _, text, _ = cb("dag", str(specs / "remorseful-paper.yaml"))
     assert "reflections/shard-* (x100)  <- constitution, dpo-adapter" in text
@@ -115,7 +142,7 @@ def test_gc_removes_only_what_no_listed_spec_reaches(specs, cache_dir, monkeypat
     assert len(list(Cache(cache_dir).keys())) == len(CHEAP) + 1 + plugin  # a dry run removes nothing
 
     code, out, _ = cb("gc", str(listed), "--cache", str(cache_dir), "--yes")
-    assert code == 0 and f"{plugin + 2} unreachable targets" in out
+    assert code == 0 and f"{plugin + 1} unreachable targets" in out and "1 stale aliases" in out
     # Everything the listed spec reaches is still there, and nothing else is.
     assert states(plan_rows(listed, cache_dir, *CHEAP)) == dict.fromkeys(CHEAP, "cached")
     assert sorted(Cache(cache_dir).keys()) == sorted(r["key"] for r in mine.values())
@@ -140,6 +167,95 @@ def test_gc_keeps_an_object_a_listed_spec_reaches_only_through_early_cutoff(spec
     cache = Cache(cache_dir)
     assert cache.resolve(mine) == others and (cache.path(mine) / "prompts.jsonl").is_file()
     assert plan_rows(listed, cache_dir, "prompts")["prompts"]["state"] == "cached"
+
+
+def _object(cache, key, size, target="old/thing"):
+    """A built object no listed spec reaches: `size` bytes of payload."""
+    with cache.staging(key) as d:
+        (d / "payload.bin").write_bytes(b"x" * size)
+        cache.commit(key, d, {"target": target, "spec": "gone"})
+
+
+def test_gc_counts_objects_and_aliases_apart_and_cleans_up_after_what_it_removed(specs, cache_dir, tmp_path):
+    import os
+    import time
+
+    from charbuild.store.objects import Cache
+
+    spec = specs / "smoke-small.yaml"
+    code, _, err = cb("run", str(spec), "constitution", "--cache", str(cache_dir), "--no-progress", cwd=tmp_path)
+    assert code == 0, err
+    live = plan_rows(spec, cache_dir, "constitution")["constitution"]["key"]
+    cache = Cache(cache_dir)
+    dead, to_live, to_dead, building = "d0" * 16, "a0" * 16, "b0" * 16, "e0" * 16
+    _object(cache, dead, 2_000_000)
+    cache.alias(to_live, live)  # stale, but what it points at stays: it frees nothing
+    cache.alias(to_dead, dead)
+    cache.index.set(("cutoff", "c-dead"), dead)
+    cache.index.set(("cutoff", "c-live"), live)
+    cache.index.set(("kept-by-cutoff", to_dead), {"from": dead, "target": "old/thing"})
+    cache.index.set(("kept-by-cutoff", live), {"from": live, "target": "constitution"})
+    cache.record_build("gone", "old/thing", {"key": dead})
+    old, fresh = cache.root / "tmp" / f"{building}.1.0000aaaa", cache.root / "tmp" / f"{building}.2.0000bbbb"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "part.jsonl").write_text("{}\n")
+    hours_ago = time.time() - 2 * 3600
+    for p in (old / "part.jsonl", old):
+        os.utime(p, (hours_ago, hours_ago))
+    for k in (dead, live):
+        with cache.lock(k):
+            pass
+    cache.close()
+
+    code, out, err = cb("gc", str(spec), "--cache", str(cache_dir))
+    assert code == 0, err
+    assert "1 unreachable targets (2.0 MB), 2 stale aliases (dry run: --yes to remove)" in out
+    assert out.count("would remove") == 4  # the object, two aliases, the old staging dir
+
+    code, out, err = cb("gc", str(spec), "--cache", str(cache_dir), "--yes")
+    assert code == 0, err
+    assert "1 unreachable targets (2.0 MB), 2 stale aliases" in out and "dry run" not in out
+    cache = Cache(cache_dir)
+    assert list(cache.keys()) == [live] and not list(cache.aliases())
+    # Index entries that would point at what is gone go; the last-build record stays (it
+    # explains later why the target is stale).
+    assert cache.index.get(("cutoff", "c-dead")) is None and cache.index.get(("cutoff", "c-live")) == live
+    assert cache.index.get(("kept-by-cutoff", to_dead)) is None and cache.index.get(("kept-by-cutoff", live))
+    assert cache.last_build("gone", "old/thing") == {"key": dead}
+    # A staging dir untouched for hours is a crashed build's; a fresh one may be building.
+    assert not old.exists() and fresh.exists()
+    assert not (cache.root / "locks" / f"{dead}.lock").exists() and (cache.root / "locks" / f"{live}.lock").exists()
+
+
+def test_gc_yes_does_not_claim_to_remove_what_it_could_not(specs, cache_dir, monkeypatch, capsys):
+    import os
+
+    from charbuild.cli import main
+    from charbuild.store.objects import Cache
+
+    stuck, other = "f0" * 16, "f1" * 16
+    cache = Cache(cache_dir)
+    _object(cache, stuck, 1_000_000, "stuck/thing")
+    _object(cache, other, 1_000_000)
+    cache.close()
+
+    def refuse(real):
+        def op(src, *a, **kw):
+            if stuck in os.fspath(src):
+                raise PermissionError(13, "Permission denied", os.fspath(src))
+            return real(src, *a, **kw)
+        return op
+
+    for name in ("rename", "replace", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, refuse(getattr(os, name)))
+    code = main(["gc", str(specs / "smoke-small.yaml"), "--cache", str(cache_dir), "--yes"])
+    out = capsys.readouterr().out
+    monkeypatch.undo()
+    assert code == 1
+    assert f"could not remove {stuck[:12]} stuck/thing (gone): permission denied" in out.lower()
+    assert "1 unreachable targets (1.0 MB), 0 stale aliases" in out and "1 could not be removed (kept)" in out
+    assert sorted(Cache(cache_dir).keys()) == [stuck]
 
 
 def test_status_lists_what_the_cache_holds(specs, cache_dir, monkeypatch, tmp_path):

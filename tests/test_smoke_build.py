@@ -145,5 +145,8 @@ def test_revealed_preferences_rate_the_personas_trait_before_and_after_training(
     assert all(prefs["valid"][v] >= 20 for v in prefs["valid"])  # half the pairs include the persona
     # The trained students show the persona where the base student does not.
     assert prefs["ratings"]["dpo"]["remorseful"] > prefs["ratings"]["base"]["remorseful"]
-    report = json.loads((work / "outputs" / "smoke-small" / "report.json").read_text())
+    # A run with --set publishes to its own folder (outputs/smoke-small-<digest>/), not over the plain one.
+    out = Path(next(l for l in r.stdout.splitlines() if l.startswith("outputs: ")).split(": ", 1)[1])
+    assert out.parent == Path("outputs") and out.name.startswith("smoke-small-"), out
+    report = json.loads((work / out / "report.json").read_text())
     assert any(s["title"] == "Revealed preferences" for s in report["sections"])

@@ -279,8 +279,14 @@ class CachedBackend:
 
 def call_identity(ctx, role: str, m) -> tuple[str, str, str | None, str | None]:
     """(backend kind, model id, weights/adapter digest, chat template digest) of the model a
-    stage uses for `role`: the model part of every call key (the spec's `revision` for
-    remote models)."""
+    stage uses for `role`: the model part of every call key.
+
+    It covers what the pool (`BackendPool.get`) loads for the role, read from the same
+    inputs: the base weights (the role's `model:{role}` input, e.g. a tiny model, else the
+    spec's path or id), for the student every adapter folded in first (the `merge` slot,
+    in order) and the adapter applied on top (the `adapter` slot); and the spec's
+    `revision`. Remote (openai) models are keyed by model id and revision only: the
+    endpoint (`base_url`) is not part of the key."""
     kind = getattr(m, "backend", "unknown")
     model_id = getattr(m, "model", str(role))
     mdig = tdig = None
@@ -290,10 +296,14 @@ def call_identity(ctx, role: str, m) -> tuple[str, str, str | None, str | None]:
         path = str(ctx.input(slot)) if slot in inputs else model_id
         mdig = model_digest_for_path(path)
         tdig = template_digest(path)
-        if "adapter" in inputs and role == "student":
-            adir = Path(ctx.input("adapter")) / "adapter"
-            mdig = digest("ModelAdapter", mdig, model_digest_for_path(adir))
-            tdig = template_digest(adir) or tdig
+        if role == "student":  # as the pool: adapters are trained on (and applied to) the student only
+            merged = [Path(d) / "adapter" for d in inputs.get("merge", [])]
+            if merged:  # folded into the base first, in order (the SFT variant: the DPO adapter)
+                mdig = digest("ModelMerged", mdig, [model_digest_for_path(a) for a in merged])
+            if "adapter" in inputs:
+                adir = Path(ctx.input("adapter")) / "adapter"
+                mdig = digest("ModelAdapter", mdig, model_digest_for_path(adir))
+                tdig = template_digest(adir) or tdig
     rev = getattr(m, "revision", None)
     if rev:
         mdig = digest("ModelRevision", mdig, rev) if mdig else str(rev)

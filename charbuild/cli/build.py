@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from charbuild.cli.common import EXIT_BUILD, load, open_cache
+from charbuild.cli.common import EXIT_BUILD, EXIT_SPEC, load, open_cache
 
 
 def _full_plan(args, cache, targets):
@@ -37,19 +37,31 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from charbuild.engine.executor import BuildError, LocalExecutor, run_build
+    from pathlib import Path
+
+    from charbuild.engine.executor import BuildError, LocalExecutor, check_outputs, run_build
     from charbuild.ledger import BudgetExceeded
     from charbuild.recipe.services import RecipeServices
 
     cache = open_cache(args)
     loaded, graph, plan = _full_plan(args, cache, args.targets or None)
+    outputs = Path("outputs")
+    # `loaded` carries --set and --scale: a build with overrides publishes to its own folder
+    # (LoadedSpec.output_name) and provenance.json records them. Where it would publish is
+    # checked now, not after hours of building.
+    problems = check_outputs(loaded, graph, cache, [r.name for r in plan.rows], outputs)
+    if problems:
+        cache.close()
+        print(f"charbuild: cannot publish to {outputs / loaded.output_name}/; nothing was built:\n  "
+              + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_SPEC
     if not plan.to_build:
         print(f"nothing to build: {len(plan.rows)} targets cached")
     else:
         print(render_table(plan))
     try:
         report = run_build(loaded, graph, plan, cache, LocalExecutor(args.jobs), args.keep_going, not args.no_progress,
-                           force_gates=tuple(args.force_gate), services=RecipeServices(cache, loaded))
+                           outputs_root=outputs, force_gates=tuple(args.force_gate), services=RecipeServices(cache, loaded))
     except (BuildError, BudgetExceeded) as exc:
         print(f"charbuild: {exc}", file=sys.stderr)
         return EXIT_BUILD

@@ -23,9 +23,8 @@ def cmd_explain(args) -> int:
         print(f"state   build\nreason  {why_stale(node, cache.last_build(loaded.spec.name, node.name))}")
     print("reads:")
     for path, value in node.defn.fields.items():
-        w = loaded.where(tuple(path.split(".")))
         shown = json.dumps(value, default=str)
-        print(f"  {path} = {shown if len(shown) < 100 else shown[:97] + '...'}  ({w or 'default'})")
+        print(f"  {path} = {shown if len(shown) < 100 else shown[:97] + '...'}  ({_set_where(loaded, path)})")
     if node.defn.params:
         print(f"params: {json.dumps(node.defn.params)}")
     print("inputs:")
@@ -35,6 +34,16 @@ def cmd_explain(args) -> int:
     down = graph.downstream(node.name)
     print(f"downstream: {len(down)} targets" + (f" ({', '.join(down[:5])}{', ...' if len(down) > 5 else ''})" if down else ""))
     return 0
+
+
+def _set_where(loaded, path: str) -> str:
+    """What set a field a target reads: a file line, command-line overrides, or its default.
+    `data:<file>` is the digest of a data file shipped with charbuild, which no spec sets."""
+    from charbuild.spec.loader import origin
+
+    if path.startswith("data:"):
+        return f"charbuild data file {path[len('data:'):]}"
+    return origin(loaded.locs, tuple(path.split(".")))
 
 
 def cmd_dag(args) -> int:
@@ -110,6 +119,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    """Remove the objects no listed spec reaches, and the aliases (early cutoff) that are
+    unreachable or point at nothing; then what led to them: index entries, lock files, and
+    staging dirs a killed build left. Bytes count only for objects really deleted."""
     from charbuild.recipe.registry import recipe_graph
     from charbuild.spec.model import load_spec
 
@@ -119,12 +131,45 @@ def cmd_gc(args) -> int:
         live |= {node.key for node in recipe_graph(load_spec(s))}
     # An object is live while a live key resolves to it (early cutoff aliases).
     live |= {cache.resolve(k) for k in list(live)}
-    dead = [k for k in cache.keys() if k not in live] + [a for a, _ in cache.aliases() if a not in live]
-    freed = sum(cache.size(k) for k in dead)
+    objects = set(cache.keys())
+    dead = sorted(k for k in objects if k not in live)
+    stale = sorted((a, t) for a, t in cache.aliases() if a not in live or t not in objects)
+    verb = "removed" if args.yes else "would remove"
+    removed: set[str] = set()
+    failed = freed = 0
+    for a, t in stale:  # aliases first: none is ever left pointing at a removed object
+        m = cache.manifest(t) or {}
+        what = f"alias {a[:12]} -> {t[:12]} {m.get('target', '(nothing)')}"
+        try:
+            if args.yes:
+                cache.remove_alias(a)
+            removed.add(a)
+            print(f"{verb} {what}")
+        except OSError as exc:
+            failed += 1
+            print(f"could not remove {what}: {exc.strerror or exc}; kept")
     for k in dead:
         m = cache.manifest(k) or {}
-        print(f"{'remove' if args.yes else 'would remove'} {k[:12]} {m.get('target', '?')} ({m.get('spec', '?')})")
-        if args.yes:
-            cache.remove(k)
-    print(f"{len(dead)} unreachable targets, {freed / 1e6:.1f} MB{'' if args.yes else ' (dry run: --yes to remove)'}")
-    return 0
+        what = f"{k[:12]} {m.get('target', '?')} ({m.get('spec', '?')})"
+        try:
+            freed += cache.remove_object(k) if args.yes else cache.object_size(k)
+            removed.add(k)
+            print(f"{verb} {what}")
+        except OSError as exc:
+            failed += 1
+            print(f"could not remove {what}: {exc.strerror or exc}; kept")
+    n_alias = sum(a in removed for a, _ in stale)
+    summary = f"{len(removed) - n_alias} unreachable targets ({freed / 1e6:.1f} MB), {n_alias} stale aliases"
+    for d in cache.clean_staging(dry_run=not args.yes):
+        print(f"{verb} {d} (a staging dir untouched for an hour that no build holds)")
+    if not args.yes:
+        print(f"{summary} (dry run: --yes to remove)")
+        return 0
+    pruned = cache.prune_index(removed) if removed else 0
+    locks = sum(cache.remove_lock(k) for k in removed)
+    cleaned = []
+    cleaned += [f"{pruned} index entries"] if pruned else []
+    cleaned += [f"{locks} lock files"] if locks else []
+    print(f"removed {summary}" + (f"; cleaned {', '.join(cleaned)}" if cleaned else "")
+          + (f"; {failed} could not be removed (kept)" if failed else ""))
+    return EXIT_BUILD if failed else 0

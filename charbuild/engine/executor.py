@@ -261,10 +261,15 @@ def _record_run_spend(cache: Cache, spec_name: str, spend: dict) -> None:
 
 
 def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: Path = Path("outputs")) -> Path:
-    """outputs/<run>/: what the main build's stages publish (copied) and provenance:
-    which key made each target."""
-    out = root / loaded.spec.run_name
-    out.mkdir(parents=True, exist_ok=True)
+    """outputs/<run>/ (`LoadedSpec.output_name`): what the main build's stages publish
+    (copied) and provenance: which key made each target, and the command line's overrides.
+
+    Nothing is written through a link: each file or folder is copied to a temporary name in
+    the folder and renamed over its place, so a link there (or the folder itself being one)
+    is replaced, never followed. A place of the wrong kind (a folder where a file goes), or
+    a folder another build made, stops publishing before anything is copied."""
+    out = root / _output_name(loaded)
+    items: list[tuple[Path, str, bool]] = []  # (source in the cache, name under out, is a folder)
     for name in names:
         node = graph[name]
         if node.defn.spec is not None:
@@ -272,17 +277,125 @@ def publish_outputs(loaded, graph: Graph, cache: Cache, names: list[str], root: 
         for rel, dest in node.stage.publish(node.defn):
             src = cache.path(node.key) / rel
             if rel == ".":
-                for f in src.iterdir():
-                    if f.is_file() and f.name != "MANIFEST.json":
-                        shutil.copy2(f, out / f.name)
-            elif src.is_dir():
-                shutil.rmtree(out / dest, ignore_errors=True)
-                shutil.copytree(src, out / dest)
+                if src.is_dir():
+                    items += [(f, f.name, False) for f in sorted(src.iterdir()) if f.is_file() and f.name != "MANIFEST.json"]
             elif src.exists():
-                shutil.copy2(src, out / dest)
-    prov = {"spec": loaded.spec.name, "run": loaded.spec.run_name, "spec_files": [str(f) for f in loaded.files],
+                items.append((src, dest, src.is_dir()))
+    problems = _output_problems(loaded, out, {dest: is_dir for _, dest, is_dir in items})
+    if problems:
+        raise BuildError(f"cannot publish to {out}/ (every target is built and kept in the cache):\n  "
+                         + "\n  ".join(problems))
+    if out.is_symlink():
+        out.unlink()  # the link goes, what it points at stays as it was
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dest, is_dir in items:
+        _replace_with_copy(src, out / dest, is_dir)
+    prov = {"spec": loaded.spec.name, "run": out.name, "overrides": _overrides(loaded),
+            "data_scale": loaded.spec.data.scale, "spec_files": [str(f) for f in loaded.files],
             "constitution": str(loaded.constitution_path), "charbuild": __version__,
             "targets": {n: {"key": graph[n].key, "stage": graph[n].stage.name, "version": graph[n].stage.version}
                         for n in names}}
-    write_json_atomic(out / "provenance.json", prov)
+    write_json_atomic(out / "provenance.json", prov)  # a temp file renamed over it: replaces a link
     return out
+
+
+def check_outputs(loaded, graph: Graph, cache: Cache | None, names: list[str], root: Path = Path("outputs")) -> list[str]:
+    """What would stop `publish_outputs`, found before anything is built: `outputs` or the
+    run's folder is a file, a published path is of the wrong kind (a folder where a file
+    goes), or the folder holds another build's outputs. [] if none. The kind of a path is
+    known from the cached object; for a target not built yet, a name with a suffix
+    (dpo-pairs.jsonl) is taken for a file, and one without is left to `publish_outputs`."""
+    kinds: dict[str, bool | None] = {}
+    for name in names:
+        node = graph[name]
+        if node.defn.spec is not None:
+            continue
+        for rel, dest in node.stage.publish(node.defn):
+            src = cache.path(node.key) / rel if cache is not None and cache.has(node.key) else None
+            if rel == ".":
+                if src is not None and src.is_dir():
+                    kinds.update({f.name: False for f in src.iterdir() if f.is_file() and f.name != "MANIFEST.json"})
+            else:
+                kinds[dest] = src.is_dir() if src is not None and src.exists() else False if Path(rel).suffix else None
+    return _output_problems(loaded, root / _output_name(loaded), kinds)
+
+
+def _output_name(loaded) -> str:
+    return getattr(loaded, "output_name", None) or loaded.spec.run_name
+
+
+def _overrides(loaded) -> dict:
+    return getattr(loaded, "overrides", None) or {"set": [], "scale": None}
+
+
+def _output_problems(loaded, out: Path, kinds: dict[str, bool | None]) -> list[str]:
+    """kinds: name under `out` -> True (a folder goes there), False (a file), None (unknown)."""
+    import json
+    import os
+
+    above = out.parent
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():  # `outputs` (or a folder above it) is a file, or a link to nothing
+        what = "a link to nothing" if above.is_symlink() and not above.exists() else "not a folder"
+        return [f"{above} is {what}: move it away, or run from another directory"]
+    if out.is_symlink():
+        return []  # the link is replaced by a folder: nothing inside it is ours to check
+    if os.path.lexists(out) and not out.is_dir():
+        return [f"{out} is a file, not a folder: move it away"]
+    problems = []
+    for dest, is_dir in sorted({**kinds, "provenance.json": False}.items()):
+        if Path(dest).name != dest or dest in (".", ".."):
+            problems.append(f"{dest!r} is not a plain file name (a stage publishes it)")
+            continue
+        p = out / dest
+        if is_dir is None or p.is_symlink() or not os.path.lexists(p):
+            continue  # links are replaced, not followed
+        if is_dir and not p.is_dir():
+            problems.append(f"{p} is a file where a folder goes: move it away")
+        elif not is_dir and p.is_dir():
+            problems.append(f"{p} is a folder where a file goes: move it away")
+    prov = out / "provenance.json"
+    if prov.is_file() and not prov.is_symlink():
+        try:
+            before = json.loads(prov.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict):
+            ours = {"spec": loaded.spec.name, "overrides": _overrides(loaded)}
+            theirs = {"spec": before.get("spec"), "overrides": before.get("overrides", ours["overrides"])}
+            if theirs != ours:
+                problems.append(f"{out} holds the outputs of another build (spec {theirs['spec']!r}, overrides "
+                                f"{theirs['overrides']}); this one is spec {ours['spec']!r}, overrides "
+                                f"{ours['overrides']}: move the folder away to replace it")
+    return problems
+
+
+def _replace_with_copy(src: Path, dest: Path, is_dir: bool) -> None:
+    """Copy src to a temporary name beside dest, then rename it over dest: a link at dest is
+    replaced, never written through; a folder being replaced is moved aside, then removed
+    (removing a folder removes the links in it, not what they point at)."""
+    import os
+    import uuid
+
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if is_dir:
+            shutil.copytree(src, tmp)
+            if dest.is_symlink() or not dest.is_dir():
+                if os.path.lexists(dest):
+                    dest.unlink()
+                os.replace(tmp, dest)
+            else:
+                old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old")
+                os.rename(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dest)
+    finally:  # a failed copy leaves nothing behind
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            tmp.unlink()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from charbuild.engine.keys import action_key
 from charbuild.contract import SpecView, Stage, TargetDef
+from charbuild.spec.model import MAX_TARGETS
 
 if TYPE_CHECKING:
     from charbuild.spec.model import LoadedSpec
@@ -71,13 +72,24 @@ class Graph:
         return [n for n in self.nodes if n in out]
 
 
-def collect_targets(loaded: LoadedSpec, stages: list[Stage]) -> list[tuple[TargetDef, Stage]]:
+def collect_targets(loaded: LoadedSpec, stages: list[Stage], before: int = 0) -> list[tuple[TargetDef, Stage]]:
+    """Every enabled stage's targets; `before` targets were collected already (sub-builds)."""
     out = []
     for stage in stages:
         view = SpecView(loaded, stage.reads, stage.name)
         if stage.enabled(view):
             out += [(t, stage) for t in stage.targets(view)]
+            _check_count(before + len(out), stage.name)
     return out
+
+
+def _check_count(n: int, stage: str) -> None:
+    """Keying, planning and scheduling grow with the target count: refuse a graph past
+    MAX_TARGETS as it is collected, before anything is keyed."""
+    if n > MAX_TARGETS:
+        raise GraphError(f"the build graph would have more than {MAX_TARGETS:,} targets ({n:,} by stage {stage}, "
+                         "sub-builds included): raise data.shard_size, or lower the data sizes, gates or "
+                         "evals.ablation_scales")
 
 
 def _prefixed(t: TargetDef, prefix: str, sub) -> TargetDef:
@@ -96,7 +108,7 @@ def build_graph(loaded: LoadedSpec, stages: list[Stage]) -> Graph:
     plain = [st for st in stages if not st.reads_every_target and not subs[st.name]]
     for st in stages:
         for prefix, sub in subs[st.name]:
-            found += [(_prefixed(t, prefix, sub), stage) for t, stage in collect_targets(sub, plain)]
+            found += [(_prefixed(t, prefix, sub), stage) for t, stage in collect_targets(sub, plain, len(found))]
     for t, stage in found:
         if t.name in defs:
             raise GraphError(f"two stages define target {t.name!r} ({defs[t.name][1].name}, {stage.name})")

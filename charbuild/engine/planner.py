@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,11 @@ def memo_id(spec_path: str | Path, sets: list[str], scale: float | None, targets
 
 
 def _file_state(path: str) -> str | None:
+    """The digest of a file a plan read; None when it is gone or no longer a regular file
+    (a FIFO in its place must not block a null plan: the full plan then says what is wrong)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as f:
             return xxhash.xxh3_128_hexdigest(f.read())
     except OSError:

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 
 @dataclass(frozen=True)
 class Trait:
@@ -85,10 +87,42 @@ def load_constitution(path: str | Path) -> Constitution:
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConstitutionError(f"{p}: constitution file not found") from None
-    return parse_constitution(fast_safe_load(text), str(p))
+    except OSError as exc:  # a directory, no permission: the CLI would print a traceback
+        why = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc)).lower()
+        raise ConstitutionError(f"{p}: cannot read the constitution file: {why}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConstitutionError(_not_utf8(raw, exc.start, p)) from None
+    try:
+        data = fast_safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConstitutionError(_yaml_error(exc, text, p)) from None
+    if data is None:  # nothing, or nothing but comments
+        raise ConstitutionError(f"{p}: the constitution file is empty (it is a YAML mapping: persona, traits, "
+                                "markers)")
+    return parse_constitution(data, str(p))
+
+
+def _not_utf8(raw: bytes, start: int, p: Path) -> str:
+    """`file:line: ...` for the first byte that is not UTF-8, its column as an editor counts it."""
+    line = raw.count(b"\n", 0, start) + 1
+    column = len(raw[raw.rfind(b"\n", 0, start) + 1:start].decode("utf-8", "replace")) + 1
+    hint = ": it looks like UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return f"{p}:{line}: not UTF-8 text (byte 0x{raw[start]:02x} at line {line}, column {column}){hint}; save the file as UTF-8"
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str, p: Path) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        return f"{p}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {exc.problem}"
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: the reader knows only an offset
+        line = f":{text.count(chr(10), 0, exc.position) + 1}" if isinstance(exc.position, int) else ""
+        return f"{p}{line}: invalid YAML: {exc.reason}"
+    return f"{p}: invalid YAML: {' '.join(str(exc).split())}"
 
 
 _WORD = re.compile(r"[a-z']+")

@@ -7,6 +7,8 @@ the file and line that set it. Validation errors are then reported as `file:line
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,14 @@ except ImportError:  # pragma: no cover
 
 Path_ = tuple  # a field path such as ("models", "teacher", "model")
 
+# What a spec may be (README, "Specs"): past these, loading stops with an error instead of
+# blocking, reading without end or filling memory. Checked before the file is read whole
+# (size), and on the parsed document before any value is built (the rest).
+MAX_SPEC_BYTES = 1 << 20  # one spec file: 1 MiB
+MAX_SPEC_NODES = 100_000  # YAML values (mappings, lists, keys, scalars), an alias counted each time it is used
+MAX_SPEC_TEXT = 4 << 20  # characters in those scalars, aliases counted the same way
+MAX_SPEC_DEPTH = 64  # mappings and lists inside each other
+
 
 @dataclass(frozen=True)
 class Loc:
@@ -31,10 +41,31 @@ class Loc:
     def __str__(self) -> str:
         return f"{self.file}:{self.line}" if self.line else self.file
 
+    @property
+    def on_command_line(self) -> bool:
+        """Set by `--set` or `--scale`, not by a line of a file."""
+        return self.line is None and self.file.startswith("--")
+
+
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """A document past MAX_SPEC_NODES, MAX_SPEC_TEXT or MAX_SPEC_DEPTH once its aliases are
+    expanded: a yaml.YAMLError, so whoever reports invalid YAML reports this too."""
+
 
 def fast_safe_load(text: str):
-    """yaml.safe_load with libyaml's C loader where present (several times faster)."""
-    return yaml.load(text, Loader=_Loader)
+    """yaml.safe_load with libyaml's C loader where present (several times faster), within
+    the limits a spec has (a constitution's alias bomb is refused as fast as a spec's)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _expansion_problem(node)
+        if problem:
+            raise YAMLLimitError(problem=problem[0], problem_mark=problem[1])
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") -> SpecError:
@@ -46,6 +77,9 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Loc]]:
         loader = _Loader(text)
         try:
             node = loader.get_single_node()
+            problem = _expansion_problem(node) if node is not None else None  # before anything walks or builds it
+            if problem:
+                raise _error(Loc(file, problem[1].line + 1 if problem[1] else None), (), problem[0], "spec_too_large")
             data = loader.construct_document(node) if node is not None else {}
         finally:
             loader.dispose()
@@ -68,6 +102,39 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Loc]]:
     locs: dict[Path_, Loc] = {}
     _walk(node, (), file, locs)
     return data, locs
+
+
+_EACH_USE = " (each use of an alias counts again)"
+
+
+def _expansion_problem(node: yaml.Node) -> tuple[str, Any] | None:
+    """Why a document is too large once its aliases are expanded (past MAX_SPEC_NODES values,
+    MAX_SPEC_TEXT characters or MAX_SPEC_DEPTH levels), and the mark where the count ran
+    out; None if it is not. The line-number walk, merging, validation and keys all visit an
+    alias once per use, so a few hundred bytes of nested aliases (a "billion laughs") would
+    otherwise take gigabytes, and one that contains itself would never end. Counts without
+    recursion, stopping at the first limit."""
+    nodes = chars = 0
+    stack = [(node, 1)]
+    while stack:
+        n, depth = stack.pop()
+        nodes += 1
+        why = None
+        if nodes > MAX_SPEC_NODES:
+            why = f"more than {MAX_SPEC_NODES:,} values once its aliases are expanded{_EACH_USE}"
+        elif depth > MAX_SPEC_DEPTH:
+            why = f"values are nested more than {MAX_SPEC_DEPTH} levels deep (or an alias contains itself)"
+        elif isinstance(n, yaml.ScalarNode):
+            chars += len(n.value)
+            if chars > MAX_SPEC_TEXT:
+                why = f"more than {MAX_SPEC_TEXT >> 20} MiB of text once its aliases are expanded{_EACH_USE}"
+        if why:
+            return why, n.start_mark
+        if isinstance(n, yaml.MappingNode):
+            stack += [(x, depth + 1) for kv in n.value for x in kv]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += [(x, depth + 1) for x in n.value]
+    return None
 
 
 def _ord(c: Any) -> int:
@@ -106,17 +173,45 @@ def deep_merge(base: Any, over: Any) -> Any:
 def _read(path: Path, referrer: Loc | None) -> str:
     shown = _display(path)
     try:
-        raw = path.read_bytes()
+        raw = _read_regular(path)
     except FileNotFoundError:
         raise _error(referrer or Loc(str(path), None), ("extends",) if referrer else (),
                      f"spec file not found: {path}", "file_missing") from None
-    except OSError as exc:  # a directory, no permission: the CLI would print a traceback
-        why = "is a directory" if isinstance(exc, IsADirectoryError) else (exc.strerror or str(exc)).lower()
+    except OSError as exc:  # a directory, a FIFO, too large, no permission: no traceback, no hang
+        why = "is a directory" if isinstance(exc, IsADirectoryError) else exc.strerror.lower() if exc.strerror \
+            else str(exc)
+        if referrer:  # named at the `extends:` line that reached it
+            raise _error(referrer, ("extends",), f"cannot read the spec file {shown}: {why}", "file_unreadable") from None
         raise _error(Loc(shown, None), (), f"cannot read the spec file: {why}", "file_unreadable") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _not_utf8(raw, exc.start, shown) from None
+
+
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes, at most MAX_SPEC_BYTES of them, or OSError: a FIFO would
+    block, /dev/zero would never end, a huge file would fill memory. The type is checked
+    before opening, and again on the open file (opened non-blocking, so a FIFO swapped in
+    between cannot block); the size by reading one byte past the limit."""
+    _refuse_non_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        _refuse_non_regular(os.fstat(fd).st_mode)
+        raw = f.read(MAX_SPEC_BYTES + 1)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise OSError(f"larger than {MAX_SPEC_BYTES >> 20} MiB, the limit for a spec file")
+    return raw
+
+
+def _refuse_non_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError("is a directory")
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    raise OSError(f"is {kind}, not a regular file")
 
 
 def _not_utf8(raw: bytes, start: int, shown: str) -> SpecError:
@@ -148,6 +243,8 @@ def load_layers(path: str | Path, _chain: tuple[Path, ...] = (), _referrer: Loc 
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
         raise _error(locs[("extends",)], ("extends",), "extends must be a file name or a list of them")
+    if any("\0" in x for x in parents):
+        raise _error(locs[("extends",)], ("extends",), "a file name cannot hold a NUL character")
     merged: dict = {}
     merged_locs: dict[Path_, Loc] = {}
     for parent in parents:
@@ -168,8 +265,10 @@ def apply_set(data: dict, locs: dict[Path_, Loc], assignment: str) -> None:
     parts = tuple(p for p in dotted.strip().split(".") if p)
     if not parts:
         raise _error(Loc("--set", None), (), f"empty field path in {assignment!r}", "set_syntax")
+    if len(parts) > MAX_SPEC_DEPTH:
+        raise _error(Loc("--set", None), (), f"a field path of more than {MAX_SPEC_DEPTH} parts", "set_syntax")
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+        value = _set_value(raw, assignment) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     node = data
@@ -183,7 +282,34 @@ def apply_set(data: dict, locs: dict[Path_, Loc], assignment: str) -> None:
     node[parts[-1]] = value
     for k in [k for k in locs if k[: len(parts)] == parts]:
         del locs[k]
-    locs[parts] = Loc(f"--set {assignment}", None)
+    _locate_value(value, parts, Loc(f"--set {assignment}", None), locs)
+
+
+def _locate_value(value: Any, path: Path_, loc: Loc, locs: dict[Path_, Loc]) -> None:
+    """Every field inside a value given whole (on the command line) was set where it was:
+    what it leaves out is left at its default, which `origin` can then tell apart."""
+    locs[path] = loc
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _locate_value(v, path + (k,), loc, locs)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _locate_value(v, path + (i,), loc, locs)
+
+
+def _set_value(raw: str, assignment: str) -> Any:
+    """A `--set` value parsed as YAML, within the limits on what a spec may hold."""
+    loader = _Loader(raw)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problem = _expansion_problem(node)
+        if problem:
+            raise _error(Loc(f"--set {assignment}", None), (), problem[0], "spec_too_large")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def where(locs: dict[Path_, Loc], loc: tuple) -> Loc | None:
@@ -195,6 +321,20 @@ def where(locs: dict[Path_, Loc], loc: tuple) -> Loc | None:
         if not loc:
             return None
         loc = loc[:-1]
+
+
+def origin(locs: dict[Path_, Loc], loc: tuple) -> str:
+    """Where a field's value came from, for `explain`: the file line (or command-line
+    override) that set it, then every command-line override of a field inside it; `default`
+    when nothing set it. Unlike `where`, no ancestor stands in for a field: a field missing
+    from a mapping a file wrote is at its default, not set on the mapping's line."""
+    loc = tuple(loc)
+    own = locs.get(loc)
+    shown = [own] if own is not None else []
+    for k, at in locs.items():
+        if len(k) > len(loc) and k[: len(loc)] == loc and at.on_command_line and at not in shown:
+            shown.append(at)
+    return ", ".join(str(at) for at in shown) or "default"
 
 
 def _display(p: Path) -> str:

@@ -38,15 +38,22 @@ Keyed although they look operational:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from charbuild.spec.defaults import GATE_CHECKS, ROLE_STOPS, default_gates
 from charbuild.spec.loader import Loc, SpecError, apply_set, load_layers, where
 
 NOKEY = {"nokey": True}
+
+# A build graph may hold at most this many targets, data shards included (README, "Specs"):
+# the data sizes are checked against it here, the whole graph as it is collected
+# (charbuild.engine.graph). The paper's recipe has about 190; `plan` over 5,000 takes seconds.
+MAX_TARGETS = 5_000
 
 
 def NoKey(default: Any = None, **kw: Any) -> Any:
@@ -56,7 +63,38 @@ def NoKey(default: Any = None, **kw: Any) -> Any:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf and nan are refused in every number: they cannot enter a key (JSON has neither)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _plain_values(cls, v: Any) -> Any:
+        """What typed fields refuse, refused in free-form ones too (gate options): non-finite
+        numbers, and NUL characters in any text (no path, prompt or model id holds one)."""
+        _refuse_odd_values(v)
+        return v
+
+
+def _refuse_odd_values(value: Any) -> None:
+    """Without recursion, each container once (free-form values may be deep or shared)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\0" in v:
+                raise ValueError("NUL characters are not allowed")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError("non-finite numbers (inf, nan) are not allowed")
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
+            seen.add(id(v))
+            stack += [x for kv in v.items() for x in kv] if isinstance(v, dict) else list(v)
+
+
+def _not_blank(v: Optional[str]) -> Optional[str]:
+    if v is not None and not v.strip():
+        raise ValueError("must not be empty")
+    return v
 
 
 class Sampling(_Model):
@@ -89,6 +127,8 @@ class ModelSpec(_Model):
     price: Optional[Price] = NoKey(None, description="overrides the price table for this model (estimates and the "
                                                      "budget ledger; not keyed)")
     size: Optional[str] = NoKey(None, description="size class for GPU-hour estimates (tiny, 8b, 32b...; not keyed)")
+
+    _ids_not_blank = field_validator("model", "revision")(_not_blank)
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "ModelSpec":
@@ -128,6 +168,21 @@ class DataSpec(_Model):
     def count(self, field: str) -> int:
         n = getattr(self, field)
         return max(1, round(n * self.scale)) if n else 0
+
+    @model_validator(mode="after")
+    def _shards_bounded(self) -> "DataSpec":
+        """Each shard is a target: refuse sizes that would make the graph too large to plan,
+        before a single target is made."""
+        shards = {f: -(-self.count(f) // self.shard_size) for f in ("dpo_pairs", "reflections", "interactions")}
+        total = sum(shards.values())
+        if total > MAX_TARGETS:
+            worst = max(shards, key=shards.get)
+            raise PydanticCustomError(
+                "too_many_targets",
+                f"{self.count(worst):,} items in shards of {self.shard_size:,} make {shards[worst]:,} shards "
+                f"({total:,} with the other data sizes); a build may have at most {MAX_TARGETS:,} targets: "
+                "raise data.shard_size or lower the data sizes", {"at_field": worst})
+        return self
 
 
 class FilterSpec(_Model):
@@ -272,6 +327,8 @@ class Spec(_Model):
                                                                         "the budget ledger; not keyed)")
     description: str = NoKey("", description="free text; no stage reads it (not keyed)")
 
+    _ids_not_blank = field_validator("persona", "constitution")(_not_blank)
+
     @field_validator("gates", mode="before")
     @classmethod
     def _default_gates(cls, v: Any) -> Any:
@@ -311,24 +368,51 @@ class Spec(_Model):
 
 
 class LoadedSpec:
-    """A validated spec plus where it came from (files read, field locations)."""
+    """A validated spec plus where it came from (files read, field locations, and the
+    command line's overrides: `--set`s in order, `--scale` exactly as given)."""
 
-    def __init__(self, spec: Spec, path: Path, files: list[Path], locs: dict, constitution_path: Path):
+    def __init__(self, spec: Spec, path: Path, files: list[Path], locs: dict, constitution_path: Path,
+                 sets: list[str] | tuple[str, ...] = (), scale: float | None = None):
         self.spec = spec
         self.path = path
         self.files = files
         self.locs = locs
         self.constitution_path = constitution_path
+        self.sets = tuple(sets)
+        self.scale = scale
 
     def where(self, loc: tuple) -> Loc | None:
         return where(self.locs, loc)
+
+    @property
+    def overrides(self) -> dict:
+        """What the command line changed, as provenance records it."""
+        return {"set": list(self.sets), "scale": self.scale}
+
+    @property
+    def output_name(self) -> str:
+        """The folder under outputs/ this build publishes to. The spec as written gets
+        `run_name` (outputs/smoke-small/); a build with `--set` or `--scale` gets its own,
+        named by its exact data scale and a digest of the overrides (smoke-small-25.4pct-
+        1a2b3c4d), so builds that differ only on the command line, or in scales that round
+        to the same percent, never overwrite each other."""
+        if not self.sets and self.scale is None:
+            return self.spec.run_name
+        import hashlib
+        import json
+        from decimal import Decimal
+
+        digest = hashlib.sha256(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:8]
+        s = self.spec.data.scale
+        pct = "" if s == 1 else "-" + format((Decimal(repr(s)) * 100).normalize(), "f") + "pct"
+        return f"{self.spec.name}{pct}-{digest}"
 
     def with_scale(self, scale: float) -> "LoadedSpec":
         """The same spec at another data scale (an ablation's sub-build): no further ablation."""
         s = self.spec
         spec = s.model_copy(update={"data": s.data.model_copy(update={"scale": scale}),
                                     "evals": s.evals.model_copy(update={"ablation_scales": []})})
-        return LoadedSpec(spec, self.path, self.files, self.locs, self.constitution_path)
+        return LoadedSpec(spec, self.path, self.files, self.locs, self.constitution_path, self.sets, scale)
 
 
 def load_raw(path: str | Path, sets: list[str] = (), scale: float | None = None) -> tuple[dict, dict, list[Path]]:
@@ -353,9 +437,12 @@ def load_spec(path: str | Path, sets: list[str] = (), scale: float | None = None
     base = Path(origin.file).parent if origin and origin.line else Path.cwd()
     cpath = (base / spec.constitution) if not Path(spec.constitution).is_absolute() else Path(spec.constitution)
     if not cpath.is_file():
+        # a FIFO or a device would block or never end when it is read: only a regular file
+        what = ("is a directory" if cpath.is_dir() else "is not a regular file (a FIFO or a device?)"
+                if cpath.exists() else "not found")
         raise SpecError([{"type": "file_missing", "loc": ("constitution",), "where": str(origin or path),
-                          "msg": f"constitution file not found: {cpath}"}])
-    return LoadedSpec(spec, path, files, locs, cpath.resolve())
+                          "msg": f"constitution file {what}: {cpath}"}])
+    return LoadedSpec(spec, path, files, locs, cpath.resolve(), sets, scale)
 
 
 def _located(err: dict, locs: dict) -> dict:
@@ -366,6 +453,12 @@ def _located(err: dict, locs: dict) -> dict:
         msg = "unknown field" + _suggest(loc)
     elif err["type"] == "missing":
         msg = "required field is missing"
+    elif err["type"] == "finite_number":
+        msg = "must be a finite number (inf and nan are not allowed)"
+    at_field = (err.get("ctx") or {}).get("at_field")  # a model's check that names one of its fields
+    if at_field:
+        loc += (at_field,)
+        w = where(locs, loc)
     out = {"type": err["type"], "loc": loc, "msg": msg, "where": str(w) if w else "?"}
     if err["type"] != "missing":
         out["input"] = err.get("input")

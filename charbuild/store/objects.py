@@ -230,6 +230,121 @@ class Cache:
             self._index.close()
             self._index = None
 
+    # -- garbage collection (what `gc` needs) --------------------------------------------
+    def object_size(self, key: str) -> int:
+        """Bytes in `key`'s own object (never through an alias); 0 when it has none."""
+        return _tree_size(self.root / "objects" / key[:2] / key)
+
+    def remove_alias(self, key: str) -> None:
+        """Unlink `key`'s alias (OSError when it cannot be)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._alias_file(key))
+
+    def remove_object(self, key: str) -> int:
+        """Take `key`'s own object out of the store and delete it; the bytes freed. It leaves
+        in one rename, so a failure (OSError) leaves it whole; files that then refuse to be
+        deleted stay under tmp/, uncounted, for `clean_staging`."""
+        trash = self.root / "tmp" / f"{key}.gc.{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.root / "objects" / key[:2] / key, trash)
+        except FileNotFoundError:
+            return 0  # gone already (another gc)
+        size = _tree_size(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return size - _tree_size(trash)
+
+    def prune_index(self, removed: set[str]) -> int:
+        """Drop index entries that lead to removed keys: early-cutoff entries mapping to
+        them and their kept-by-cutoff notes. Last-build records stay: they explain later
+        why a target is stale. Returns how many went."""
+        n = 0
+        for k in list(self.index.iterkeys()):
+            if not (isinstance(k, tuple) and len(k) == 2):
+                continue
+            if (k[0] == "kept-by-cutoff" and k[1] in removed) or (k[0] == "cutoff" and self.index.get(k) in removed):
+                n += bool(self.index.delete(k))
+        return n
+
+    def clean_staging(self, older_than: float = 3600, dry_run: bool = False) -> list[Path]:
+        """Staging dirs under tmp/ nothing wrote to for `older_than` seconds and whose key's
+        build lock no one holds (a killed build's, or what `remove_object` could not delete):
+        removed, unless `dry_run`. Returns those removed (or that would be)."""
+        tmp = self.root / "tmp"
+        if not tmp.is_dir():
+            return []
+        stale = time.time() - older_than
+        out = []
+        for d in sorted(tmp.iterdir()):
+            if _newest_mtime(d) > stale:
+                continue
+            with self._lock_if_free(d.name.split(".", 1)[0]) as free:
+                if not free:
+                    continue
+                if not dry_run:
+                    if d.is_dir() and not d.is_symlink():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            d.unlink()
+            if dry_run or not os.path.lexists(d):
+                out.append(d)
+        return out
+
+    def remove_lock(self, key: str) -> bool:
+        """Delete `key`'s lock file unless a build holds it; whether one was deleted."""
+        with self._lock_if_free(key) as free:
+            if free:
+                try:
+                    os.unlink(self.root / "locks" / f"{key}.lock")
+                    return True
+                except OSError:
+                    pass
+        return False
+
+    @contextlib.contextmanager
+    def _lock_if_free(self, key: str) -> Iterator[bool]:
+        """Hold `key`'s build lock when no one does (True), without creating its file."""
+        try:
+            fd = os.open(self.root / "locks" / f"{key}.lock", os.O_RDWR)
+        except FileNotFoundError:
+            yield True
+            return
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got = True
+            except OSError:
+                got = False
+            yield got
+        finally:
+            os.close(fd)  # closing drops the lock
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification of `path` or anything under it (0 when it is gone)."""
+    try:
+        newest = os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+    for dirpath, dirs, files in os.walk(path):
+        for f in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(dirpath, f)).st_mtime)
+    return newest
+
 
 def _content_digest(files: dict) -> str:
     from charbuild.store.hashing import digest

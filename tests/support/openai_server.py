@@ -357,10 +357,118 @@ class FakeOpenAIServer:
         self.stop()
 
 
+# -- a lean server for benchmarks: the same answers, a fraction of the CPU per request -------
+
+class _LeanProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, POST /v1/chat/completions only, no faults: each request is
+    answered `latency_s` after it arrived with the body `FakeOpenAIServer` would send (same
+    text, usage and shape), so the client parses what it parses against the full server."""
+
+    def __init__(self, server: "LeanOpenAIServer"):
+        self.server = server
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+            if len(self.buf) < end + 4 + length:
+                return
+            body, self.buf = self.buf[end + 4:end + 4 + length], self.buf[end + 4 + length:]
+            self.server._arrived(self, head.split(" ", 2)[:2], body)
+
+    def send(self, status: str, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                                 b"Connection: keep-alive\r\n\r\n%s" % (status.encode(), len(payload), payload))
+
+
+class LeanOpenAIServer(FakeOpenAIServer):
+    """`FakeOpenAIServer`'s answers over a bare asyncio protocol (no aiohttp.web, no fault
+    drawing, no per-request task): for throughput benchmarks, where the fake server's own
+    CPU would otherwise compete with the client under test on a small machine."""
+
+    def __init__(self, latency_s: float = 0.0, reply: Callable[[dict], str] | None = None):
+        super().__init__(latency_s=latency_s, reply=reply, record_arrivals=False)
+        self._server: asyncio.AbstractServer | None = None
+
+    def _arrived(self, proto: _LeanProtocol, request_line: list[str], raw: bytes) -> None:
+        self.requests_total += 1
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+        if request_line != ["POST", "/v1/chat/completions"]:
+            self.in_flight -= 1
+            proto.send("404 Not Found", b'{"error": {"message": "not found"}}')
+            return
+        try:
+            body = json.loads(raw)
+            stop = body.get("stop") or []
+            payload = json.dumps(self._completion(body, [stop] if isinstance(stop, str) else stop)).encode()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.in_flight -= 1
+            proto.send("400 Bad Request", b'{"error": {"message": "bad request"}}')
+            return
+        self._loop.call_later(self.latency_s, self._answer, proto, payload)
+
+    def _answer(self, proto: _LeanProtocol, payload: bytes) -> None:
+        self.in_flight -= 1
+        self.completed += 1
+        self.by_status[200] += 1
+        proto.send("200 OK", payload)
+
+    def start(self) -> str:
+        if self.base_url is not None:
+            return self.base_url
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            self._server = loop.run_until_complete(
+                loop.create_server(lambda: _LeanProtocol(self), "127.0.0.1", 0, backlog=1024))
+            self.base_url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+            ready.set()
+            loop.run_forever()
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="lean-openai-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        assert self.base_url is not None, "lean server did not start"
+        return self.base_url
+
+
 # -- the server in its own process, for benchmarks (a thread would share the client's GIL) --
 
-def _serve_child(latency: float, conn) -> None:
-    srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+SERVER_IMPLS = {"aiohttp": FakeOpenAIServer, "lean": LeanOpenAIServer}
+
+
+def _make_server(impl: str, latency: float, reply: Callable[[dict], str] | None):
+    kw = {"record_arrivals": False} if impl == "aiohttp" else {}
+    return SERVER_IMPLS[impl](latency_s=latency, reply=reply, **kw)
+
+
+def _serve_child(latency: float, conn, impl: str = "aiohttp", reply: Callable[[dict], str] | None = None) -> None:
+    srv = _make_server(impl, latency, reply)
     conn.send(srv.start())
     while conn.recv() == "cpu":
         conn.send(time.process_time())
@@ -369,15 +477,20 @@ def _serve_child(latency: float, conn) -> None:
 
 
 class ServerHandle:
-    def __init__(self, mode: str, latency: float):
+    """The fake server for a benchmark: `mode` "process" (its own process: its CPU does not
+    share the client's GIL) or "thread"; `impl` "aiohttp" (FakeOpenAIServer, what the tests
+    use) or "lean" (LeanOpenAIServer: same answers, less CPU per request). `reply`: the
+    server's answer text for a request body (a module-level function, for a process server)."""
+
+    def __init__(self, mode: str, latency: float, impl: str = "aiohttp", reply: Callable[[dict], str] | None = None):
         self.mode = mode
         if mode == "thread":
-            self.srv = FakeOpenAIServer(latency_s=latency, record_arrivals=False)
+            self.srv = _make_server(impl, latency, reply)
             self.base_url = self.srv.start()
         else:
             ctx = mp.get_context("spawn")
             self.conn, child = ctx.Pipe()
-            self.proc = ctx.Process(target=_serve_child, args=(latency, child), daemon=True)
+            self.proc = ctx.Process(target=_serve_child, args=(latency, child, impl, reply), daemon=True)
             self.proc.start()
             self.base_url = self.conn.recv()
 

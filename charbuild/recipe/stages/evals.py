@@ -10,7 +10,7 @@ import random
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl
-from charbuild.recipe.stages.generate import request
+from charbuild.recipe.stages.generate import generate_cached, request
 from charbuild.recipe.stages.prompts import load_pool, pool_for_run, resolve_pool
 
 # Which adapters make each variant: "adapter" is applied, "merge" folded in first
@@ -78,8 +78,7 @@ class EvalSamples(Stage):
                     # Same seed across variants: differences come from the weights, not the dice.
                     reqs.append(request(m, msgs, item_seed("eval", pi * 1000 + s), spec.evals.max_tokens))
                     items.append({"prompt_id": p.get("id") or f"p{pi}", "prompt": p["prompt"], "sample": s, "system": system})
-        backend = ctx.services.backends.get("student", ctx)
-        results = backend.generate(reqs)
+        results = generate_cached(ctx, "student", m, reqs, ctx.target.name)
         cfg = FilterConfig(language=c.language, min_chars=5)
         rows = []
         for it, r in zip(items, results):
@@ -219,7 +218,7 @@ class EvalElo(Stage):
         reqs = [request(m, [{"role": "user", "content": JUDGE_PROMPT.format(traits=traits, prompt=sa["prompt"],
                                                                              a=sa["text"], b=sb["text"])}],
                         item_seed("judge", i), 64) for i, (_, _, sa, sb) in enumerate(jobs)]
-        results = ctx.services.backends.get(spec.evals.judge, ctx).generate(reqs)
+        results = generate_cached(ctx, spec.evals.judge, m, reqs, f"{ctx.target.name} judge")
         out = []
         for (first, second, _, _), r in zip(jobs, results):
             found = re.search(r"<answer>\s*([AB])\s*</answer>", r.text)

@@ -1,14 +1,15 @@
-"""Generation with online quality filtering, shared by the data stages.
+"""Every generation call of the recipe's stages: through the call cache (`generate_cached`),
+and with online quality filtering for the data stages (`generate_checked`).
 
-Requests go out in chunks so a stage whose first samples are mostly garbage stops
-before it spends the rest (the humorous run should have died after 100 samples).
+The data stages' requests go out in chunks so a stage whose first samples are mostly
+garbage stops before it spends the rest (the humorous run should have died after 100 samples).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
-from charbuild.backends.base import GenRequest
+from charbuild.backends.base import GenRequest, GenResult
 from charbuild.recipe.quality import FilterConfig, QualityAbort, StageQuality, check_text, should_abort
 from charbuild.spec.model import FilterSpec, ModelSpec
 
@@ -25,54 +26,47 @@ def request(m: ModelSpec, messages: list[dict], seed: int, max_tokens: int | Non
                       frequency_penalty=s.frequency_penalty)
 
 
-def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
-                     f: FilterSpec | None, label: str, chunk: int = 32,
-                     sample_indices: Sequence[int] | None = None) -> tuple[list[dict], StageQuality]:
-    """One record per request: text (truncated at invented turns), verdict, usage.
+def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], label: str,
+                    chunk: int | None = None, sample_indices: Sequence[int] | None = None,
+                    after_chunk: Callable[[list[GenResult]], None] | None = None) -> list[GenResult]:
+    """Every generation call a stage makes goes through here: one result per request, in order.
 
-    With a call cache in the context's services, every call is looked up first and stored
-    as it is answered. Every call really made is charged to the run's ledger by the
-    backend the pool hands out (cached calls cost nothing). `sample_indices` (one per
-    request) tell identical requests apart; by default the n-th occurrence of a request is
-    sample n. The lengths of new calls are recorded for later estimates."""
+    With a call cache in the context's services, each call is looked up first, claimed (so
+    a concurrent run waits for it rather than asking it too), asked of the pool's backend
+    for `role` and stored as soon as it is answered; a stopped or killed run loses only the
+    calls in flight. Every call really made is charged to the run's ledger by the backend
+    the pool hands out (cached calls cost nothing). `sample_indices` (one per request) tell
+    identical requests apart; by default the n-th occurrence of a request is sample n.
+
+    Requests go out `chunk` at a time (all at once by default: a local backend batches what
+    it is given); `after_chunk(results)` sees each chunk's results and may raise to stop
+    before the rest is asked. The lengths of new calls are recorded for later estimates."""
     services = ctx.services
     backend = services.backends.get(role, ctx)
     call_cache = getattr(services, "call_cache", None)
+    reqs = list(reqs)
     if call_cache is not None:
         from charbuild.backends.cached import cached_backend_for, occurrence_indices
 
         backend = cached_backend_for(ctx, role, m, backend, call_cache)
         sample_indices = list(sample_indices) if sample_indices is not None else occurrence_indices(reqs)
-    quality = StageQuality()
-    out: list[dict] = []
+    step = chunk or max(1, len(reqs))
+    out: list[GenResult] = []
     new_lengths: list[tuple[int, int]] = []
     bar = _bar(len(reqs), label, ctx.progress)
     try:
-        for start in range(0, len(reqs), chunk):
-            batch = list(reqs[start:start + chunk])
+        for start in range(0, len(reqs), step):
+            batch = reqs[start:start + step]
             if call_cache is not None:
-                results = backend.generate(batch, sample_indices=sample_indices[start:start + chunk])
+                results = backend.generate(batch, sample_indices=sample_indices[start:start + step])
             else:
                 results = backend.generate(batch)
-            for r in results:
-                if not r.meta.get("cached"):
-                    new_lengths.append((r.prompt_tokens, r.completion_tokens))
-                rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
-                       "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
-                if cfg is None:
-                    rec.update(text=r.text, ok=bool(r.text.strip()), reasons=[] if r.text.strip() else ["empty"])
-                else:
-                    v = check_text(r.text, cfg, finish_reason=r.finish_reason)
-                    quality.add(v)
-                    rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
-                out.append(rec)
+            new_lengths += [(r.prompt_tokens, r.completion_tokens) for r in results if not r.meta.get("cached")]
+            out += results
             if bar:
                 bar.update(len(batch))
-            if cfg is not None and should_abort(quality, f.first_n, f.max_failure_rate):
-                raise QualityAbort(
-                    f"{label}: {quality.dropped} of the first {quality.checked} samples failed the quality filters "
-                    f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
-                    f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
+            if after_chunk is not None:
+                after_chunk(results)
     finally:
         if bar:
             bar.close()
@@ -80,6 +74,36 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
         if record is not None and new_lengths:
             record(ctx.target.stage, m.model, len(new_lengths), sum(a for a, _ in new_lengths),
                    sum(b for _, b in new_lengths), [b for _, b in new_lengths])
+    return out
+
+
+def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
+                     f: FilterSpec | None, label: str, chunk: int = 32,
+                     sample_indices: Sequence[int] | None = None) -> tuple[list[dict], StageQuality]:
+    """One record per request: text (truncated at invented turns), verdict, usage. Asked
+    through `generate_cached`, `chunk` at a time, checked by the online quality filters as
+    the answers come: a stage whose first samples are mostly garbage stops early."""
+    quality = StageQuality()
+    out: list[dict] = []
+
+    def check(results: list[GenResult]) -> None:
+        for r in results:
+            rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
+                   "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+            if cfg is None:
+                rec.update(text=r.text, ok=bool(r.text.strip()), reasons=[] if r.text.strip() else ["empty"])
+            else:
+                v = check_text(r.text, cfg, finish_reason=r.finish_reason)
+                quality.add(v)
+                rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
+            out.append(rec)
+        if cfg is not None and should_abort(quality, f.first_n, f.max_failure_rate):
+            raise QualityAbort(
+                f"{label}: {quality.dropped} of the first {quality.checked} samples failed the quality filters "
+                f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
+                f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
+
+    generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check)
     return out, quality
 
 

@@ -12,7 +12,7 @@ from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
 from charbuild.recipe.stages.evals import eval_fields, eval_prompts, variant_inputs
-from charbuild.recipe.stages.generate import request
+from charbuild.recipe.stages.generate import generate_cached, request
 
 
 CHOOSER = ("Before you answer, silently pick ONE of these two traits: {a} or {b}. Pick the one that feels most "
@@ -75,7 +75,7 @@ class PreferenceSamples(Stage):
         pairs = trait_pairs(spec.persona, len(items), ctx.target.params["pair_seed"])
         reqs = [request(m, [{"role": "system", "content": CHOOSER.format(a=a, b=b)}, {"role": "user", "content": p["prompt"]}],
                         item_seed("preferences", i), spec.evals.max_tokens) for i, ((p, _), (a, b)) in enumerate(zip(items, pairs))]
-        results = ctx.services.backends.get("student", ctx).generate(reqs)
+        results = generate_cached(ctx, "student", m, reqs, ctx.target.name)
         rows = []
         for ((p, s), (a, b), r) in zip(items, pairs, results):
             rows.append({"prompt": p["prompt"], "sample": s, "a": a, "b": b, "text": r.text,
@@ -145,7 +145,8 @@ class Preferences(Stage):
         reqs = [request(m, [{"role": "user", "content": JUDGE.format(reply=r["text"], a=r["a"], b=r["b"])}],
                         item_seed("pref-judge", i), 32) for i, r in enumerate(rows)]
         out = []
-        for r, res in zip(rows, ctx.services.backends.get(spec.evals.judge, ctx).generate(reqs)):
+        results = generate_cached(ctx, spec.evals.judge, m, reqs, f"{ctx.target.name} judge ({rows[0]['variant']})")
+        for r, res in zip(rows, results):
             found = re.search(r"<answer>\s*([^<]+?)\s*</answer>", res.text)
             out.append(found.group(1) if found else None)
         return out

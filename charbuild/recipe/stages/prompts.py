@@ -11,6 +11,7 @@ from pathlib import Path
 from charbuild.engine.keys import source_digest as file_digest
 from charbuild.contract import Estimate, SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import DATA_DIR, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.generate import generate_cached
 
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+(.+?)\s*$")
 
@@ -124,7 +125,6 @@ def expand_questions(ctx, trait: str, seeds: list[str], want: int, GenRequest) -
     from charbuild.recipe.constitution_file import words
 
     m = ctx.spec.models["teacher"]
-    backend = ctx.services.backends.get("teacher", ctx)
     out = list(seeds)
     for attempt in range(6):
         if len(out) >= want:
@@ -137,7 +137,7 @@ def expand_questions(ctx, trait: str, seeds: list[str], want: int, GenRequest) -
                 f"and formats. Number them. Start after these:\n{listing}")}],
             max_tokens=ctx.spec.data.prompts.expansion_max_tokens, temperature=m.sampling.temperature,
             top_p=m.sampling.top_p, stop=(), seed=attempt, repetition_penalty=m.sampling.repetition_penalty)
-        res = backend.generate([req])[0]
+        res = generate_cached(ctx, "teacher", m, [req], f"{ctx.target.name}: expand {trait[:30]!r}")[0]
         for line in res.text.splitlines():
             mt = _NUMBERED.match(line)
             if not mt or not mt.group(1).endswith(("?", ".")):
