@@ -248,7 +248,8 @@ class CachedBackend:
 
         self.asked += len(batch)
         if self._streams:
-            writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="callcache-writer")
+            caller = threading.get_ident()
+            writer: cf.ThreadPoolExecutor | None = None
             errors: list[BaseException] = []
 
             def store_logged(j: int, res: GenResult) -> None:
@@ -257,10 +258,20 @@ class CachedBackend:
                 except BaseException as e:  # surfaced after the batch
                     errors.append(e)
 
+            def on_result(j: int, res: GenResult) -> None:
+                nonlocal writer
+                if threading.get_ident() == caller:  # on our own thread (a local backend): nothing to unblock
+                    store_logged(j, res)
+                    return
+                if writer is None:  # a backend's event-loop thread: never block it on disk
+                    writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="callcache-writer")
+                writer.submit(store_logged, j, res)
+
             try:
-                out = self.inner.generate(batch, on_result=lambda j, res: writer.submit(store_logged, j, res))
+                out = self.inner.generate(batch, on_result=on_result)
             finally:
-                writer.shutdown(wait=True)  # every answer that arrived is stored, even when the batch failed
+                if writer is not None:
+                    writer.shutdown(wait=True)  # every answer that arrived is stored, even when the batch failed
             if errors:
                 raise errors[0]
         else:

@@ -75,14 +75,19 @@ def prompt_tokens(requests, tokenizer_json: Path | None) -> tuple[int, bool]:
     token). Returns (tokens, exact). Chat-template framing is counted as the estimator
     counts it (`MESSAGE_FRAMING_TOKENS` a message) either way."""
     if tokenizer_json is not None and Path(tokenizer_json).is_file():
+        from collections import Counter
+
         from tokenizers import Tokenizer
 
         from charbuild.ledger import MESSAGE_FRAMING_TOKENS
 
         texts = [msg["content"] for r in requests for msg in r.messages]
+        counts = Counter(texts)  # the system prompt every request carries is tokenized once
         tok = Tokenizer.from_file(str(tokenizer_json))
-        ids = tok.encode_batch(texts, add_special_tokens=False)
-        return sum(len(e.ids) for e in ids) + MESSAGE_FRAMING_TOKENS * len(texts), True
+        tok.no_padding()
+        tok.no_truncation()
+        encoded = tok.encode_batch(list(counts), add_special_tokens=False)
+        return sum(len(e) * n for e, n in zip(encoded, counts.values())) + MESSAGE_FRAMING_TOKENS * len(texts), True
     return sum(estimate_chat_tokens(r.messages) for r in requests), False
 
 

@@ -49,9 +49,23 @@ class UndeclaredRead(RuntimeError):
 
 
 def is_nokey_field(model_cls: type, name: str) -> bool:
-    f = model_cls.model_fields.get(name)
-    extra = f.json_schema_extra if f is not None and isinstance(f.json_schema_extra, dict) else {}
-    return bool(extra.get("nokey"))
+    return _fields_of(model_cls).get(name, False)
+
+
+_FIELDS: dict[type, dict[str, bool]] = {}
+
+
+def _fields_of(model_cls: type) -> dict[str, bool]:
+    """A model class's field names -> whether the field is NoKey (read once per class: the
+    hot path of every guarded read)."""
+    table = _FIELDS.get(model_cls)
+    if table is None:
+        table = {}
+        for name, f in model_cls.model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            table[name] = bool(extra.get("nokey"))
+        _FIELDS[model_cls] = table
+    return table
 
 
 def nokey_path(spec: BaseModel, path: str) -> bool:
@@ -117,10 +131,14 @@ class Access:
         self.parent = parent  # a view made from an already guarded spec can only narrow it
         self.touched: set[str] = set()
         self._record = os.environ.get(RECORD_ENV) if hook in ("run", "count_calls") else None
+        self._may: dict[tuple[str, bool], bool] = {}  # the rule is fixed at construction: memoized
 
     def may(self, path: str, nokey: bool) -> bool:
-        ok = covered(path, self.allowed) or (self.nokey and nokey)
-        return ok and (self.parent is None or self.parent.may(path, nokey))
+        ok = self._may.get((path, nokey))
+        if ok is None:
+            ok = covered(path, self.allowed) or (self.nokey and nokey)
+            ok = self._may[(path, nokey)] = ok and (self.parent is None or self.parent.may(path, nokey))
+        return ok
 
     def leads_to(self, path: str) -> bool:
         """Something it may read lies under `path` (so whether `path` exists is no secret)."""
@@ -167,6 +185,7 @@ def read_path(proxy: Any, dotted: str) -> Any:
 
 
 def _child(access: Access, value: Any, path: str, nokey: bool) -> Any:
+    """What reading `value` at `path` gives (touching it when it may be read), or raises."""
     if access.may(path, nokey):
         access.touch(path)
         return _wrap(access, value, path, nokey, True)
@@ -201,8 +220,18 @@ def _spec_attr(cls: type, name: str) -> Any:
     return None
 
 
+_MISSING = object()
+# Results of a read that can be handed out again: proxies (read-only) and immutable values.
+# Lists and dicts are fresh copies on every read, so a stage mutating one changes nothing.
+_SHAREABLE = (str, int, float, bool, type(None), tuple, frozenset)
+
+
 class _Proxy:
-    __slots__ = ("_cb_value", "_cb_path", "_cb_access", "_cb_nokey", "_cb_full")
+    # _cb_kids: name -> (raw value read, what the read gave), for reads that may be repeated
+    # without walking the guard again (hot loops read `m.sampling.temperature` per request).
+    # The read was allowed and touched the first time; the entry is used only while the
+    # raw value is still the very same object, so a spec changed underneath is read afresh.
+    __slots__ = ("_cb_value", "_cb_path", "_cb_access", "_cb_nokey", "_cb_full", "_cb_kids")
 
     def __init__(self, value: Any, path: str, access: Access, nokey: bool, full: bool = False):
         object.__setattr__(self, "_cb_value", value)
@@ -210,6 +239,12 @@ class _Proxy:
         object.__setattr__(self, "_cb_access", access)
         object.__setattr__(self, "_cb_nokey", nokey)
         object.__setattr__(self, "_cb_full", full)
+        object.__setattr__(self, "_cb_kids", {})
+
+    def _cb_remember(self, name: Any, raw: Any, out: Any) -> Any:
+        if isinstance(out, (_Proxy, _SHAREABLE)) and (not isinstance(out, tuple) or out is raw):
+            self._cb_kids[name] = (raw, out)
+        return out
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"the spec is read-only here (setting {_join(self._cb_path, name)!r})")
@@ -243,10 +278,16 @@ class _ModelProxy(_Proxy):
     __slots__ = ()
 
     def __getattr__(self, name: str) -> Any:
-        v, path, access = self._cb_value, self._cb_path, self._cb_access
+        v = self._cb_value
+        hit = self._cb_kids.get(name)
+        if hit is not None and getattr(v, name, _MISSING) is hit[0]:
+            return hit[1]
+        path, access = self._cb_path, self._cb_access
         cls = type(v)
-        if name in cls.model_fields:
-            return _child(access, getattr(v, name), _join(path, name), self._cb_nokey or is_nokey_field(cls, name))
+        fields = _fields_of(cls)
+        if name in fields:
+            raw = getattr(v, name)
+            return self._cb_remember(name, raw, _child(access, raw, _join(path, name), self._cb_nokey or fields[name]))
         if not name.startswith("_"):
             attr = _spec_attr(cls, name)
             if isinstance(attr, property) and attr.fget is not None:
@@ -269,6 +310,9 @@ class _DictProxy(_Proxy):
 
     def _cb_item(self, key: Any, default: Any, missing_ok: bool) -> Any:
         v, access = self._cb_value, self._cb_access
+        hit = self._cb_kids.get(key)
+        if hit is not None and v.get(key, _MISSING) is hit[0]:
+            return hit[1]
         path = _join(self._cb_path, str(key))
         if key not in v:
             if self._cb_full or access.may(path, self._cb_nokey) or access.leads_to(path):
@@ -276,7 +320,8 @@ class _DictProxy(_Proxy):
                     return default
                 raise KeyError(key)
             raise access.refuse(path, " (whether it exists)")
-        return _child(access, v[key], path, self._cb_nokey)
+        raw = v[key]
+        return self._cb_remember(key, raw, _child(access, raw, path, self._cb_nokey))
 
     def __getitem__(self, key: Any) -> Any:
         return self._cb_item(key, None, False)
