@@ -34,15 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine spent busy so far (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+from machine import busy_cpu_s  # noqa: E402  (benchmarks/machine.py)
 
 
 def main() -> None:

@@ -46,17 +46,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from charbuild.backends.base import GenRequest  # noqa: E402
 from charbuild.backends.openai_backend import OpenAIBackend, OpenAIConfig, build_payload  # noqa: E402
 from charbuild.ledger import Ledger  # noqa: E402
+from machine import busy_cpu_s  # noqa: E402  (benchmarks/machine.py)
 from support.openai_server import ServerHandle  # noqa: E402
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine spent busy so far (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def price(tokens_in: int, tokens_out: int) -> float:

@@ -10,7 +10,7 @@ import pytest
 from charbuild.contract import BuildContext, EstimateContext, SpecView
 from charbuild.recipe.registry import recipe_graph
 from charbuild.spec.defaults import GATE_CHECKS
-from charbuild.spec.guard import UndeclaredRead
+from charbuild.spec.guard import UndeclaredRead, nokey_path
 from charbuild.spec.model import Spec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,16 +257,7 @@ def leaves(data, prefix=""):
 
 def nokey(path: str, spec=None) -> bool:
     """Whether the field at `path` (or one above it) is marked NoKey in the spec schema."""
-    value = spec if spec is not None else load_spec(PAPER).spec
-    for part in path.split("."):
-        if isinstance(value, dict):  # a model role, a gate, a price: the part is a key
-            value = value[part]
-            continue
-        f = type(value).model_fields[part]
-        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("nokey"):
-            return True
-        value = getattr(value, part)
-    return False
+    return nokey_path(spec if spec is not None else load_spec(PAPER).spec, path)
 
 
 @lru_cache(maxsize=1)

@@ -31,6 +31,7 @@ def test_every_target_reads_only_what_its_key_holds(built):
     """Recorded while the smoke build ran: each target's run() touched only spec paths at or
     under its keyed fields, or fields marked NoKey (which cannot change an output)."""
     from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.guard import nokey_path
     from charbuild.spec.model import load_spec
 
     work, _, _ = built
@@ -43,16 +44,7 @@ def test_every_target_reads_only_what_its_key_holds(built):
         touched.setdefault(r["target"], set()).add(r["path"])
 
     def nokey(path):
-        value = loaded.spec
-        for part in path.split("."):
-            if isinstance(value, dict):
-                value = value[part]
-                continue
-            f = type(value).model_fields[part]
-            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("nokey"):
-                return True
-            value = getattr(value, part)
-        return False
+        return nokey_path(loaded.spec, path)
 
     bad = {}
     for name, paths in touched.items():

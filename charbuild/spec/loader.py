@@ -52,20 +52,26 @@ class YAMLLimitError(yaml.MarkedYAMLError):
     expanded: a yaml.YAMLError, so whoever reports invalid YAML reports this too."""
 
 
-def fast_safe_load(text: str):
-    """yaml.safe_load with libyaml's C loader where present (several times faster), within
-    the limits a spec has (a constitution's alias bomb is refused as fast as a spec's)."""
+def _load_bounded(text: str) -> tuple[yaml.Node | None, Any]:
+    """A document's node and value (None, None when it is empty). Past the limits it raises
+    YAMLLimitError before anything walks or builds the document."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            return None
+            return None, None
         problem = _expansion_problem(node)
         if problem:
             raise YAMLLimitError(problem=problem[0], problem_mark=problem[1])
-        return loader.construct_document(node)
+        return node, loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def fast_safe_load(text: str):
+    """yaml.safe_load with libyaml's C loader where present (several times faster), within
+    the limits a spec has (a constitution's alias bomb is refused as fast as a spec's)."""
+    return _load_bounded(text)[1]
 
 
 def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") -> SpecError:
@@ -74,15 +80,10 @@ def _error(where: Loc | str, loc: tuple, msg: str, type_: str = "spec_error") ->
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Loc]]:
     try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            problem = _expansion_problem(node) if node is not None else None  # before anything walks or builds it
-            if problem:
-                raise _error(Loc(file, problem[1].line + 1 if problem[1] else None), (), problem[0], "spec_too_large")
-            data = loader.construct_document(node) if node is not None else {}
-        finally:
-            loader.dispose()
+        node, data = _load_bounded(text)
+    except YAMLLimitError as exc:
+        mark = exc.problem_mark
+        raise _error(Loc(file, mark.line + 1 if mark else None), (), exc.problem, "spec_too_large") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else None
@@ -299,17 +300,10 @@ def _locate_value(value: Any, path: Path_, loc: Loc, locs: dict[Path_, Loc]) -> 
 
 def _set_value(raw: str, assignment: str) -> Any:
     """A `--set` value parsed as YAML, within the limits on what a spec may hold."""
-    loader = _Loader(raw)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        problem = _expansion_problem(node)
-        if problem:
-            raise _error(Loc(f"--set {assignment}", None), (), problem[0], "spec_too_large")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
+        return _load_bounded(raw)[1]
+    except YAMLLimitError as exc:
+        raise _error(Loc(f"--set {assignment}", None), (), exc.problem, "spec_too_large") from None
 
 
 def where(locs: dict[Path_, Loc], loc: tuple) -> Loc | None:

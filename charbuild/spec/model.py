@@ -495,12 +495,10 @@ def _models_in(ann: Any) -> list:
 def key_view(value: Any) -> Any:
     """A spec value as it enters cache keys: JSON data without the NoKey fields."""
     if isinstance(value, BaseModel):
-        out = {}
-        for name, f in type(value).model_fields.items():
-            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-            if not extra.get("nokey"):
-                out[name] = key_view(getattr(value, name))
-        return out
+        from charbuild.spec.guard import is_nokey_field
+
+        cls = type(value)
+        return {name: key_view(getattr(value, name)) for name in cls.model_fields if not is_nokey_field(cls, name)}
     if isinstance(value, dict):
         return {str(k): key_view(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
