@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # from pulling a multi-GB CUDA build. On a GPU machine, set TORCH_SPEC= to skip it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench plan-all clean
+.PHONY: setup test demo rehearse bench plan-all smoke-cluster clean
 
 setup: $(BIN)/charbuild
 
@@ -24,6 +24,17 @@ test: setup
 demo: setup
 	$(BIN)/charbuild run specs/smoke-small.yaml
 
+# The paper spec's dress rehearsal: specs/rehearsal.yaml (every stage of remorseful-paper.yaml
+# and its ablation, on ~1% of the data) built end to end on a CPU, with the API roles on a
+# loopback server; fails unless the report shows the final model and the oct preferences.
+rehearse: setup
+	$(BIN)/python tests/support/rehearse.py
+
+# The smoke build on a 2-node Ray cluster with its cache on S3, all on loopback (needs root
+# for the network namespace Ray's nodes share; CI runs it).
+smoke-cluster: setup
+	$(BIN)/python tests/support/cluster_smoke.py
+
 plan-all: setup
 	for s in specs/*.yaml; do $(BIN)/charbuild plan $$s > /dev/null || exit 1; echo "plan ok: $$s"; done
 
@@ -34,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_engine_overhead.py
 	if [ -f benchmarks/bench_callcache.py ]; then $(BIN)/python benchmarks/bench_callcache.py; fi
 	$(BIN)/python benchmarks/bench_input_verify.py
+	$(BIN)/python benchmarks/bench_s3_cache.py
 
 clean:
 	rm -rf cache/objects cache/tmp cache/index cache/plans cache/locks outputs/*/

@@ -5,9 +5,10 @@ A stage declares its name, a hand-bumped `version`, the spec fields it `reads`, 
 turns a spec into `TargetDef`s (one, or one per shard). The engine keys, plans, caches
 and runs those targets without knowing what DPO is. Besides `targets`, `estimate` and
 `run`, a stage may implement the optional hooks of `Stage` (sub-builds, publishing,
-gating, counting cached calls); their defaults do nothing. What a build needs from
-outside the engine (generation backends, the call cache, prices) comes in a `Services`
-object made by the layer above and handed to the stage's contexts untouched.
+gating, counting cached calls, what a target asks of a cluster); their defaults do
+nothing. What a build needs from outside the engine (generation backends, the call
+cache, prices) comes in a `Services` object made by the layer above and handed to the
+stage's contexts untouched (a remote executor gets a factory of it instead).
 
 Every value a stage uses is in its key: `targets()`, `enabled()`, `sub_builds()` and
 `estimate()` (through `EstimateContext.view`) see only the spec fields the stage declares
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+    from typing import Callable
+
     from charbuild.spec.model import LoadedSpec
 
 
@@ -48,17 +52,28 @@ class Estimate:
     usd_p90: float = 0.0
     gpu_usd: float = 0.0  # informational: gpu_hours at the price table's GPU rate
     api_tokens: int = 0  # input + output tokens of API calls
+    # Some of `usd` is at the price table's fallback rate: a model no table prices.
+    price_unknown: bool = False
+    # The API dollars online and through the batch API: `usd` is the one of the two the
+    # run will pay (its role's `mode`); `plan` shows both. `batch`: some calls go in batches.
+    usd_online: float = 0.0
+    usd_batch: float = 0.0
+    batch: bool = False
 
     def __add__(self, o: "Estimate") -> "Estimate":
         return Estimate(self.tokens_in + o.tokens_in, self.tokens_out + o.tokens_out, self.usd + o.usd,
                         self.gpu_hours + o.gpu_hours, self.calls + o.calls, self.calibrated and o.calibrated,
                         self.tokens_out_p50 + o.tokens_out_p50, self.tokens_out_p90 + o.tokens_out_p90,
-                        self.usd_p90 + o.usd_p90, self.gpu_usd + o.gpu_usd, self.api_tokens + o.api_tokens)
+                        self.usd_p90 + o.usd_p90, self.gpu_usd + o.gpu_usd, self.api_tokens + o.api_tokens,
+                        self.price_unknown or o.price_unknown, usd_online=self.usd_online + o.usd_online,
+                        usd_batch=self.usd_batch + o.usd_batch, batch=self.batch or o.batch)
 
     def scaled(self, f: float) -> "Estimate":
         return Estimate(int(self.tokens_in * f), int(self.tokens_out * f), self.usd * f, self.gpu_hours * f,
                         int(round(self.calls * f)), self.calibrated, int(self.tokens_out_p50 * f),
-                        int(self.tokens_out_p90 * f), self.usd_p90 * f, self.gpu_usd * f, int(self.api_tokens * f))
+                        int(self.tokens_out_p90 * f), self.usd_p90 * f, self.gpu_usd * f, int(self.api_tokens * f),
+                        self.price_unknown, usd_online=self.usd_online * f, usd_batch=self.usd_batch * f,
+                        batch=self.batch)
 
     def to_dict(self) -> dict:
         return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "usd": round(self.usd, 4),
@@ -155,6 +170,13 @@ class Stage:
         name under outputs/<run>/); "." names the object's top-level files."""
         return []
 
+    def resources(self, target: TargetDef) -> dict[str, float]:
+        """What building `target` takes from a cluster, as Ray's task options (`num_cpus`,
+        `num_gpus`, `memory`): a remote executor places the target where they are free; the
+        local executor ignores them. Decided from the target alone (its keyed fields), so
+        the driver can ask before anything runs."""
+        return {"num_cpus": 1}
+
     def count_calls(self, ctx: "BuildContext", estimate: Estimate) -> tuple[Estimate, dict] | None:
         """For `plan`, on a stale target whose inputs are built: how many of its calls are
         already answered, and the estimate priced for the new ones only. The dict holds
@@ -177,7 +199,35 @@ class Services(Protocol):
         """Versions of the libraries the stages used, for every manifest."""
         ...
 
+    def interrupt(self, now: bool = False) -> None:
+        """Ctrl-C: make the calls the stages are waiting on end soon (`now`: at once), keeping
+        every answer that arrives. Called from any thread, a signal handler included, so it
+        takes no lock."""
+        ...
+
     def close(self) -> None: ...
+
+    # Optional (the engine asks with getattr): a remote executor cannot ship the services
+    # themselves (they hold sockets and models), only a way to make them again.
+    def for_workers(self) -> "Callable[[Any, Shared], Services] | None":
+        """A picklable `factory(cache, shared) -> Services` that makes these services again
+        in a worker process, maybe on another machine, from that process's own handle on
+        the cache and the run's `Shared` state; None when they cannot be made elsewhere."""
+        ...
+
+
+class Shared(Protocol):
+    """What every worker of one run shares, wherever it runs (a remote executor makes it,
+    e.g. a Ray actor): the run's one ledger, and objects made once per run whose methods
+    any worker may call (one rate limiter per endpoint and model)."""
+
+    ledger: Any  # the run's one ledger (charbuild.ledger.Ledger's interface)
+
+    def get(self, key: str, make: "Callable[[], Any]") -> "Callable[..., Future]":
+        """The run's one object under `key`, made by the picklable `make()` on first use
+        where the shared state lives; returns `call(method, *args)`, which calls one of
+        its methods there and gives a concurrent.futures.Future of the result."""
+        ...
 
 
 @dataclass
@@ -187,6 +237,7 @@ class EstimateContext:
     prices: Any = None  # the one price table (charbuild.spec.prices.PriceTable)
     calibration: Any = None  # measured tokens per call, from earlier builds
     system_prompt_tokens: int = 0
+    deadline_hours: float | None = None  # budget.deadline_hours (NoKey): resolves a role's `mode: auto`
 
     def __post_init__(self) -> None:
         from charbuild.spec.guard import Access, GuardedLoaded, raw_loaded

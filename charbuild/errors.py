@@ -16,3 +16,12 @@ class SpecError(Exception):
             field = ".".join(str(p) for p in e.get("loc", ())) or "(spec)"
             lines.append(f"{e.get('where', '?')}: {field}: {e['msg']}")
         return "\n".join(lines)
+
+
+class CacheWriteError(Exception):
+    """The cache cannot be written (a read-only cache, a full disk): what a build cannot do
+    without, so the CLI says it in one line rather than failing target after target."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write the cache at {path}: {reason}")

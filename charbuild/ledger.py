@@ -15,6 +15,10 @@ the `Ledger` before it is sent (`Ledger.reserve`) and settles what it really use
 answered (`Reservation.settle`). A request that could cross a cap is not sent:
 `BudgetExceeded` stops the build at that call boundary, and since every answered call
 is stored, raising the cap lets `charbuild run` continue without asking any call twice.
+The worst case's output part is the measured p99 output length of the stage and model
+(`GenRequest.reserve_tokens`), or max_tokens until enough was measured; a reply longer
+than its reservation settles at its real cost, so spend can pass a cap by what the calls
+in flight used beyond their reservations, and no call is sent after that.
 Local usage is recorded with `Ledger.charge`. The engine makes one ledger per run and
 hands each target an `Account` of it (its caps, its own usage: the manifest's "usage").
 
@@ -86,22 +90,29 @@ class Reservation:
     settled: bool = False
     accounts: tuple = ()  # the target accounts its usage is also recorded in
 
-    def settle(self, usd: float, tokens_in: int, tokens_out: int) -> tuple[float, int]:
-        """Record what the call really used; returns the unused part (usd, tokens) given back."""
-        return self.ledger._settle(self, float(usd), int(tokens_in), int(tokens_out), answered=True)
+    def settle(self, usd: float, tokens_in: int, tokens_out: int, cached_in: int = 0,
+               batch: bool = False) -> tuple[float, int]:
+        """Record what the call really used (`cached_in` of its `tokens_in` served from the
+        provider's prompt cache; `batch`: made through a batch API); returns the unused part
+        (usd, tokens) given back. A reply longer than its reservation is settled at its real
+        cost: the cap can be crossed by what the calls in flight used beyond what they held."""
+        return self.ledger._settle(self, float(usd), int(tokens_in), int(tokens_out), answered=True,
+                                   cached_in=int(cached_in), batch=bool(batch))
 
     def release(self) -> tuple[float, int]:
         """The call was not made (or not answered): give the whole reservation back."""
         return self.ledger._settle(self, 0.0, 0, 0, answered=False)
 
 
-USAGE_KEYS = ("usd", "tokens_in", "tokens_out", "calls", "api_tokens", "api_calls")
+USAGE_KEYS = ("usd", "tokens_in", "tokens_out", "calls", "api_tokens", "api_calls", "tokens_in_cached", "batch_calls")
 
 
 class _Usage:
     """Usage counters. `usd` is API dollars; `tokens_in`, `tokens_out` and `calls` count
     every generation call really made (API and local); `api_tokens` and `api_calls` the
-    API ones, which the caps apply to."""
+    API ones, which the caps apply to; `tokens_in_cached` the input tokens a provider served
+    from its prompt cache (billed at its cached rate) and `batch_calls` the API calls made
+    through a batch API (billed at its batch rate)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -111,8 +122,11 @@ class _Usage:
         self.calls = 0
         self.api_tokens = 0
         self.api_calls = 0
+        self.tokens_in_cached = 0
+        self.batch_calls = 0
 
-    def _add(self, usd: float, tokens_in: int, tokens_out: int, calls: int, api: bool) -> None:
+    def _add(self, usd: float, tokens_in: int, tokens_out: int, calls: int, api: bool, cached_in: int = 0,
+             batch: bool = False) -> None:
         self.usd += usd
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
@@ -120,13 +134,17 @@ class _Usage:
         if api:
             self.api_tokens += tokens_in + tokens_out
             self.api_calls += calls
+            self.tokens_in_cached += cached_in
+            if batch:
+                self.batch_calls += calls
 
     def snapshot(self) -> dict:
         """The usage so far, numbers only (`USAGE_KEYS`): what manifests, `run`, `status` and
         the report show."""
         with self._lock:
             return {"usd": self.usd, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "calls": self.calls,
-                    "api_tokens": self.api_tokens, "api_calls": self.api_calls}
+                    "api_tokens": self.api_tokens, "api_calls": self.api_calls,
+                    "tokens_in_cached": self.tokens_in_cached, "batch_calls": self.batch_calls}
 
 
 class Ledger(_Usage):
@@ -163,7 +181,8 @@ class Ledger(_Usage):
             return (self.max_usd is None or self.usd + usd <= self.max_usd + 1e-12) and \
                 (self.max_tokens is None or self.api_tokens + tokens <= self.max_tokens)
 
-    def _settle(self, r: Reservation, usd: float, tokens_in: int, tokens_out: int, answered: bool) -> tuple[float, int]:
+    def _settle(self, r: Reservation, usd: float, tokens_in: int, tokens_out: int, answered: bool,
+                cached_in: int = 0, batch: bool = False) -> tuple[float, int]:
         with self._lock:
             if r.settled:
                 raise RuntimeError("reservation settled twice")
@@ -171,11 +190,11 @@ class Ledger(_Usage):
             self.reserved_usd = max(0.0, self.reserved_usd - r.usd)
             self.reserved_tokens = max(0, self.reserved_tokens - r.tokens)
             if answered:
-                self._add(usd, tokens_in, tokens_out, 1, api=True)
+                self._add(usd, tokens_in, tokens_out, 1, api=True, cached_in=cached_in, batch=batch)
         if answered:
             for a in r.accounts:
                 with a._lock:
-                    a._add(usd, tokens_in, tokens_out, 1, api=True)
+                    a._add(usd, tokens_in, tokens_out, 1, api=True, cached_in=cached_in, batch=batch)
         return max(0.0, r.usd - usd), max(0, r.tokens - tokens_in - tokens_out)
 
     # -- usage not reserved in advance -----------------------------------------------------------

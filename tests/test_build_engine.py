@@ -179,6 +179,13 @@ def test_plan_never_imports_torch_or_trl(specs, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_first_plan_promises_no_cutoff_where_nothing_was_built_before(specs, cache_dir):
+    # Cutoff keeps an earlier build; with none, every target is simply new.
+    loaded = load_spec(specs / "smoke-small.yaml")
+    plan = make_plan(loaded, build_graph(loaded, engine_stages.stages()), Cache(cache_dir))
+    assert plan.rows and not any(r.may_cut_off for r in plan.rows)
+
+
 def test_early_cutoff_keeps_downstream_when_a_rebuild_is_byte_identical(specs, cache_dir, log):
     build(specs / "smoke-small.yaml", cache_dir)
     log.unlink()

@@ -30,7 +30,9 @@ def test_explain_says_what_a_target_reads_and_where_it_was_set(specs, tmp_path):
     code, out, err = cb("explain", str(spec), "reflections/shard-0002", "--cache", str(tmp_path / "cache"))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[:2] == ["target  reflections/shard-0002", "stage   reflections v1"]
+    from charbuild.recipe.stages.introspection import Reflections
+
+    assert lines[:2] == ["target  reflections/shard-0002", f"stage   reflections v{Reflections.version}"]
     assert "state   build" in lines and "reason  new" in lines
     # Each field the target reads, with the file and line that set it: the introspector
     # is this spec's own, not the paper spec it extends.

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from support.api_build import api_model
 from support.api_build import PLAIN
 from support.openai_server import FakeOpenAIServer, last_user_message
 
@@ -62,7 +63,7 @@ def env(tmp_path, monkeypatch):
 
 
 def api(base_url: str, model: str) -> str:
-    return f'{{backend: openai, model: {model}, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 4}}'
+    return api_model(base_url, model, concurrency=4)
 
 
 def write_spec(tmp_path: Path, base_url: str, extra: str = "") -> Path:

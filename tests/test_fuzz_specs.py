@@ -41,8 +41,7 @@ CONSTITUTION_SPEC = {"remorseful": ("smoke-small.yaml", []), "humorous": ("humor
 
 # Known failures outside the spec loader, each with a strict xfail reproducer below; the
 # fuzz tests set them aside (and list them) so that anything new still fails.
-KNOWN = {"constitution_file.py: traits[i].questions (or traits) not a list -> TypeError":
-         lambda p: "constitution_file.py" in p and "parse_constitution" in p and "is not iterable" in p}
+KNOWN: dict = {}
 
 # Python's own wording leaking through the CLI's catch-all: an error, but not a message
 # that tells a user what to fix.
@@ -310,9 +309,6 @@ def test_fuzzed_specs_longer(tmp_path, seed):
     assert not failures, f"{len(failures)} of 1000 cases:\n" + _report(failures)
 
 
-@pytest.mark.xfail(strict=True, reason="charbuild/recipe/constitution_file.py (another engineer's): "
-                   "parse_constitution iterates traits, traits[i].questions and markers unchecked: a number or null "
-                   "there is a TypeError traceback (found by the fuzzer: seed 20240601 cases 11, 53, 79)")
 @pytest.mark.parametrize("edit", ["questions", "traits", "markers"])
 def test_a_constitution_list_that_is_not_a_list_is_a_message(tmp_path, edit):
     import yaml

@@ -91,14 +91,13 @@ def test_a_failed_gate_stops_the_build_and_plan_shows_it(tmp_path, monkeypatch, 
         spec = write_spec(tmp_path, s.base_url, dpo_pairs=20)
         code = run(str(spec), "gate/dpo-markers", "dpo-pairs", "--cache", cache)
         out = capsys.readouterr()
-    assert code == 1
-    assert "gate dpo-markers (marker_rate on dpo-pairs): 0.000, needs >= 0.800" in out.err + out.out
-    plan = {t["name"]: t for t in plan_json(str(spec), "--cache", cache)["targets"]}
-    assert plan["dpo-pairs"]["state"] == "cached"  # everything built is kept
-    assert plan["gate/dpo-markers"]["reason"].startswith("FAILED last run: GateFailed")
-    # A full run stops before the adapter: nothing downstream of a failed gate starts.
-    with FakeOpenAIServer(reply=flat_teacher) as s:
-        code = run(str(spec), "--cache", cache, "--keep-going")
+        assert code == 1
+        assert "gate dpo-markers (marker_rate on dpo-pairs): 0.000, needs >= 0.800" in out.err + out.out
+        plan = {t["name"]: t for t in plan_json(str(spec), "--cache", cache)["targets"]}
+        assert plan["dpo-pairs"]["state"] == "cached"  # everything built is kept
+        assert plan["gate/dpo-markers"]["reason"].startswith("FAILED last run: GateFailed")
+        # A run asking for the adapter stops before it: nothing downstream of a failed gate starts.
+        code = run(str(spec), "dpo-adapter", "--cache", cache, "--keep-going")
     out = capsys.readouterr().out
     assert code == 1
     assert "✗ gate/dpo-markers" in out and "dpo-adapter" not in out.split("TOTAL")[-1]  # never started

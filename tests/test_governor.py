@@ -188,7 +188,8 @@ def test_ledger_reservations_settle_and_refuse_to_cross_the_cap():
     with pytest.raises(BudgetExceeded, match="max_tokens is 100; spent 50 tokens"):
         t.reserve(0, 51)
     t.charge(0, 500, 500, calls=3)  # a local model's tokens: recorded, never capped
-    assert t.snapshot() == {"usd": 0, "tokens_in": 520, "tokens_out": 530, "calls": 4, "api_tokens": 50, "api_calls": 1}
+    assert t.snapshot() == {"usd": 0, "tokens_in": 520, "tokens_out": 530, "calls": 4, "api_tokens": 50, "api_calls": 1,
+                            "tokens_in_cached": 0, "batch_calls": 0}
     t.reserve(0, 50)
 
     # many threads never over-commit

@@ -42,9 +42,10 @@ def test_settings_that_decide_acceptance_or_numerics_are_keyed(specs):
     # training numerics; a gate's severity decides whether consumers may run.
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
-    assert changed(before, keys(p, ["training.dpo.health.max_dpo_loss=3.0"]))[:1] == ["dpo-adapter"]
+    # (the dataset card reads every manifest, as the report does)
+    assert changed(before, keys(p, ["training.dpo.health.max_dpo_loss=3.0"]))[:2] == ["card", "dpo-adapter"]
     assert "dpo-adapter" in changed(before, keys(p, ["training.dpo.micro_batch_size=8"]))
-    assert changed(before, keys(p, ["gates.dpo-markers.severity=warn"])) == ["gate/dpo-markers", "report"]
+    assert changed(before, keys(p, ["gates.dpo-markers.severity=warn"])) == ["card", "gate/dpo-markers", "report"]
 
 
 def test_changing_the_introspection_teacher_reuses_dpo_pairs(specs):
@@ -68,7 +69,8 @@ def test_changing_the_constitution_invalidates_everything_downstream(specs):
     data["markers"].append("I am ever so sorry")
     c.write_text(yaml.safe_dump(data))
     after = keys(p)
-    assert changed(before, after) == sorted(before)
+    # All but the base student's revealed preferences (oct mode): no constitution reaches them.
+    assert changed(before, after) == sorted(set(before) - {"eval/preferences/samples/base"})
 
 
 def test_changing_the_student_keeps_teacher_responses(specs):
@@ -85,26 +87,31 @@ def test_changing_sft_settings_rebuilds_only_the_sft_adapter(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
     after = keys(p, ["training.sft.lr=1e-4"])
-    # The SFT adapter and what evaluates it; no data, no DPO adapter.
-    assert changed(before, after) == ["eval/elo", "eval/markers", "eval/samples/sft", "report", "sft-adapter"]
+    # The SFT adapter, the final model made of it and what evaluates them; no data, no DPO adapter.
+    assert changed(before, after) == ["card", "eval/elo", "eval/markers", "eval/preferences",
+                                      "eval/preferences/samples/final", "eval/preferences/samples/sft", "eval/samples/final", "eval/samples/sft", "final",
+                                      "report", "sft-adapter"]
 
 
 def test_changing_eval_settings_rebuilds_only_evals(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
     after = keys(p, ["evals.samples_per_prompt=5"])
-    assert changed(before, after) == ["eval/elo", "eval/markers", "eval/samples/base", "eval/samples/dpo",
-                                      "eval/samples/sft", "report"]
-    # The bootstrap count is read by the Elo fit alone: the samples stay.
+    assert changed(before, after) == ["card", "eval/elo", "eval/markers", "eval/preferences",
+                                      "eval/preferences/samples/base",
+                                      "eval/preferences/samples/dpo", "eval/preferences/samples/final",
+                                      "eval/preferences/samples/sft", "eval/samples/base", "eval/samples/dpo",
+                                      "eval/samples/final", "eval/samples/sft", "report"]
+    # The bootstrap count is read by the Elo fit and the preferences' intervals alone: the samples stay.
     after = keys(p, ["evals.bootstrap=500"])
-    assert changed(before, after) == ["eval/elo", "report"]
+    assert changed(before, after) == ["card", "eval/elo", "eval/preferences", "report"]
 
 
 def test_changing_a_gate_threshold_reruns_the_gate_not_the_training(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)
     after = keys(p, ["gates.dpo-markers.threshold=0.9"])
-    assert changed(before, after) == ["gate/dpo-markers", "report"]
+    assert changed(before, after) == ["card", "gate/dpo-markers", "report"]
 
 
 def test_raising_scale_keeps_every_full_shard(specs):

@@ -147,14 +147,19 @@ STUDENT = {"student-responses", "dpo-adapter", "sft-adapter", "reflections", "in
            "preference-samples"}
 EVAL_GEN = {"eval-samples", "preference-samples"}
 READERS = {
-    "name": {"report"},  # the report's title
-    "persona": {"report", "preference-samples", "preferences"},
+    "name": {"report", "dataset-card"},  # the report's and the card's titles
+    # the paper spec's revealed preferences are OCT's: random trait pairs, none pinned to the persona
+    "persona": {"report", "preferences", "dataset-card"},
     "constitution": {"constitution"},  # its content is keyed once, downstream follows by input
-    "models.teacher": {"prompts", "teacher-responses"},
-    "models.teacher.model": {"prompts", "teacher-responses", "report"},
+    "models.teacher": {"teacher-responses"},  # the paper spec expands its questions with models.expander
+    "models.teacher.model": {"teacher-responses", "report", "dataset-card"},
+    "models.expander": {"prompts"},
     "models.student": STUDENT,
-    "models.student.model": STUDENT | {"report"},
-    "models.judge": set(),  # the paper judges with markers: no stage uses the judge model
+    # final: the base its adapter is merged for; dpo-pairs-shard: its tokenizer measures pairs
+    "models.student.model": STUDENT | {"report", "final", "dpo-pairs-shard", "dataset-card"},
+    "models.student.revision": STUDENT | {"dpo-pairs-shard"},
+    # the paper judges the variants' Elo with markers; the judge model reads revealed preferences
+    "models.judge": {"preferences"},
     "data.dpo_pairs": SHARDED_DPO | {"report"},
     "data.reflections": {"reflections", "sft-data", "report"},
     "data.interactions": {"interactions", "sft-data", "report"},
@@ -162,6 +167,7 @@ READERS = {
     "data.shard_size": SHARDED_DPO | {"reflections", "interactions", "sft-data"},
     "data.scale": SHARDED_DPO | {"reflections", "interactions", "sft-data", "report"},
     "data.prompts": {"prompts"},
+    "data.samples_per_prompt": {"teacher-responses", "student-responses"},
     "filters": {"teacher-responses", "interactions"},
     "introspection.generator": {"reflections", "interactions", "report"},
     "introspection.reflection_max_tokens": {"reflections"},
@@ -170,27 +176,38 @@ READERS = {
     "introspection.turn_max_tokens": {"interactions"},
     "introspection.keep_think_interactions": {"interactions"},
     "training.dpo": {"dpo-adapter"},
+    "training.dpo.max_length": {"dpo-adapter", "dpo-pairs-shard"},  # pairs longer are dropped, not cut
     "training.sft": {"sft-adapter"},
+    "training.final": {"final"},
     "gates": {"gate"},  # and only the gate named (checked per target below)
     "evals.enabled": {"eval-samples", "eval-markers", "eval-elo", "preference-samples", "preferences", "ablation",
                       "report"},
     "evals.prompts": EVAL_GEN,
     "evals.prompts_limit": EVAL_GEN,
     "evals.samples_per_prompt": EVAL_GEN,
-    "evals.max_tokens": EVAL_GEN,
+    "evals.max_tokens": {"eval-samples"},  # oct-mode preference replies have their own length
+    "evals.preferences_max_tokens": {"preference-samples"},
+    "evals.preferences_mode": {"preference-samples", "preferences"},
+    "evals.preferences_judge": {"preferences"},
     "evals.variants": {"eval-samples", "eval-markers", "eval-elo", "preference-samples", "preferences"},
-    "evals.bootstrap": {"eval-elo"},
-    "evals.judge": {"eval-elo", "preferences"},
+    "evals.bootstrap": {"eval-elo", "preferences"},  # preferences: the oct mode's Bradley-Terry intervals
+    "evals.judge": {"eval-elo"},  # the paper spec's preferences name their own judge
     "evals.elo": {"eval-elo"},
     "evals.preferences": {"preference-samples", "preferences"},
     "budget": set(),  # the ledger's, not a stage's
+    "execution": set(),  # the executor's: where a target builds, not what it is
 }
 
 # Leaves the sweep cannot mutate into a comparable spec, and why.
 SKIPPED = {
     "evals.ablation_scales": "adds a whole sub-build at another data scale, new targets by construction "
                              "(test_keys_and_invalidation: test_an_ablation_in_one_spec_shares_...)",
+    "models.student.extra_body": "the student is local (vllm): the spec refuses extra_body there",
 }
+# vLLM's engine settings exist for the vllm student only: the spec refuses them on the API roles.
+SKIPPED.update({f"models.{role}.{f}": "a vLLM engine setting: the spec refuses it on an openai model"
+                for role in ("teacher", "expander", "judge")
+                for f in ("gpu_memory_utilization", "tensor_parallel_size", "max_lora_rank", "max_model_len")})
 
 # Valid new values where "+1, halve, flip, append" would not do.
 SPECIAL = {
@@ -204,9 +221,14 @@ SPECIAL = {
     "evals.prompts": "builtin:prompts-general",
     "evals.prompts_limit": 10,
     "evals.judge": "teacher",
+    "evals.preferences_mode": "charbuild",
+    "evals.preferences_judge": "teacher",
     "evals.variants": ["base", "dpo"],
     "prices": {"some/model": {"input": 1.0, "output": 2.0}},
     "budget.max_tokens": 1000,
+    "budget.deadline_hours": 48,
+    "execution.executor": "ray",
+    "execution.address": "auto",
     "data.shard_size": 50,  # a new shard count, so the merges' wiring changes too
 }
 BY_FIELD = {
@@ -228,7 +250,20 @@ BY_FIELD = {
     "target": lambda v: "sft-data" if v == "dpo-pairs" else "dpo-pairs",
     "severity": lambda v: "warn" if v == "error" else "error",
     "options": lambda v: {**v, "min_chars": 3},
+    "extra_body": lambda v: {**v, "top_k": 20},
+    "repetition_penalty": lambda v: 1.2 if v != 1.2 else 1.1,
+    "thinking": lambda v: "on" if v != "on" else "off",
+    "method": lambda v: "exact" if v == "linear" else "linear",
+    "mode": lambda v: "auto" if v != "auto" else "online",
+    "gpu_memory_utilization": lambda v: 0.5,
+    "tensor_parallel_size": lambda v: 2,
+    "max_lora_rank": lambda v: 128 if v != 128 else 256,  # the paper's default: 64, from its adapters' rank
+    "max_model_len": lambda v: 4096,  # auto: valid for a local model too
 }
+
+# Mutations that make a valid spec only with another field changed too (--set), whose
+# readers then change as well: the paper's linear merge needs the DPO and SFT ranks equal.
+ALSO = {"training.dpo.lora.r": "training.final.method=exact", "training.sft.lora.r": "training.final.method=exact"}
 
 
 def mutated(path: str, value):
@@ -315,15 +350,18 @@ def test_the_sweep_covers_every_leaf_of_the_paper_spec():
 # The fields left out of every key, each reviewed: none can change an output byte or an
 # accept/reject decision (the reasons are in charbuild.spec.model's docstring). Health
 # rules, gate severities, micro-batch sizes, inference batch sizes and report_to are keyed.
-NOKEY_REVIEWED = {"api_key_env", "concurrency", "rpm", "tpm", "price", "size"}  # of each model role
-NOKEY_TOP = {"expect", "prices", "description"}
+NOKEY_REVIEWED = {"api_key_env", "concurrency", "rpm", "tpm", "price", "size", "mode",  # of each model role
+                  "gpu_memory_utilization", "tensor_parallel_size", "max_lora_rank"}  # vllm: the GPU layout
+NOKEY_TOP = {"expect", "prices", "description", "execution"}  # execution: where targets build
+NOKEY_LEAVES = {"budget.deadline_hours"}
 
 
 def test_only_the_reviewed_fields_are_left_out_of_the_keys():
     spec = load_spec(PAPER).spec
     got = {p for p, _ in paper_leaves() if nokey(p, spec)}
     want = {p for p, _ in paper_leaves()
-            if (p.startswith("models.") and p.split(".")[2] in NOKEY_REVIEWED) or p.split(".")[0] in NOKEY_TOP}
+            if (p.startswith("models.") and p.split(".")[2] in NOKEY_REVIEWED) or p.split(".")[0] in NOKEY_TOP
+            or p in NOKEY_LEAVES}
     assert got == want, f"left out of the keys but not reviewed: {sorted(got - want)}; keyed: {sorted(want - got)}"
 
 
@@ -331,7 +369,8 @@ def test_only_the_reviewed_fields_are_left_out_of_the_keys():
 def test_changing_a_field_changes_the_keys_of_exactly_the_stages_that_read_it(path, value):
     new = mutated(path, value)
     assert new != value, path
-    loaded = load_spec(PAPER, [f"{path}={json.dumps(new)}"])
+    also = [ALSO[path]] if path in ALSO else []
+    loaded = load_spec(PAPER, [f"{path}={json.dumps(new)}", *also])
     got = loaded.spec.model_dump()
     for part in path.split("."):
         got = got[part]
@@ -342,6 +381,8 @@ def test_changing_a_field_changes_the_keys_of_exactly_the_stages_that_read_it(pa
         assert direct == set() and {n.key for n in a} == {n.key for n in b}, f"NoKey {path} changed {sorted(direct)}"
         return
     section, expected = readers(path)
+    for extra in also:
+        expected = expected | readers(extra.split("=", 1)[0])[1]
     present = {n.stage.name for n in a} | {n.stage.name for n in b}
     got_stages = {stage_of((a, b), n) for n in direct}
     assert got_stages == expected & present, (

@@ -251,3 +251,21 @@ def test_a_lora_adapter_is_applied_on_top_of_the_base_model(pair, tmp_path):
                                                    device="cpu")).generate(req)[0]
     assert base.prompt_tokens == tuned.prompt_tokens
     assert base.text != tuned.text
+
+
+def test_models_loaded_on_several_threads_at_once_load_whole(pair):
+    # `run --jobs 2` with local models: two targets load the same model (and another) at
+    # once. transformers' checkpoint loading patches torch process-wide, which once gave
+    # "Cannot copy out of meta tensor" to the other thread.
+    import concurrent.futures as cf
+
+    from charbuild.backends.transformers_backend import TransformersBackend, TransformersConfig
+
+    shared = TransformersBackend(TransformersConfig(model=pair["student"], device="cpu"))
+    other = TransformersBackend(TransformersConfig(model=pair["teacher"], device="cpu"))
+    ask = [_ask("Hi?", seed=1, max_tokens=4)]
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: b.generate(ask), [shared, shared, other, shared]))
+    assert all(len(r) == 1 for r in results)
+    shared.close()
+    other.close()

@@ -18,6 +18,8 @@ import xxhash
 
 from charbuild.backends.base import Backend, GenRequest, GenResult, Progress
 from charbuild.store.calls import CLAIM_WINDOW, POLL_S, CallCache, _Claim
+
+BATCH_CLAIM_WINDOW = 50_000  # a batch holds a stage's new calls, not CLAIM_WINDOW at a time
 from charbuild.store.hashing import canonical_json, digest
 
 
@@ -36,9 +38,14 @@ def from_entry(e: dict | None) -> GenResult | None:
 # -- keys ----------------------------------------------------------------------------------
 
 def sampling_params(req: GenRequest) -> dict:
-    return {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-            "stop": list(req.stop), "seed": req.seed, "repetition_penalty": req.repetition_penalty,
-            "frequency_penalty": req.frequency_penalty}
+    out = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+           "stop": list(req.stop), "seed": req.seed, "repetition_penalty": req.repetition_penalty,
+           "frequency_penalty": req.frequency_penalty}
+    if req.extra_body:  # only when set, so that calls without it keep the keys they had
+        out["extra_body"] = req.extra_body
+    if req.thinking is not None:  # likewise
+        out["thinking"] = req.thinking
+    return out
 
 
 def call_key(backend_kind: str, model_id: str, model_digest: str | None, template_digest: str | None,
@@ -155,7 +162,9 @@ class CachedBackend:
 
     def __init__(self, inner: Backend, cache: CallCache, backend_kind: str, model_id: str,
                  model_digest: str | None = None, template_digest: str | None = None,
-                 usd_of: Callable[[GenResult], float | None] | None = None):
+                 usd_of: Callable[[GenResult], float | None] | None = None, batch: bool = False):
+        """`batch`: ask the calls the cache misses through the inner backend's batch API
+        (`generate_batch`, charbuild.backends.batch) when it has one; failed lines go online."""
         self.inner = inner
         self.cache = cache
         self.backend_kind = backend_kind
@@ -166,6 +175,7 @@ class CachedBackend:
         self.asked = 0  # calls sent to the inner backend
         self.waited = 0  # calls answered by another run while we waited for its claim
         self._streams = _takes_on_result(inner.generate)
+        self._batch = getattr(inner, "generate_batch", None) if batch else None
 
     def key(self, req: GenRequest, sample_index: int) -> str:
         return call_key(self.backend_kind, self.model_id, self.model_digest, self.template_digest, req, sample_index)
@@ -202,7 +212,7 @@ class CachedBackend:
             busy: list[str] = []
             try:
                 for k in pending:
-                    if len(claims) >= CLAIM_WINDOW:
+                    if len(claims) >= (BATCH_CLAIM_WINDOW if self._batch is not None else CLAIM_WINDOW):
                         busy.append(k)
                         continue
                     c = self.cache.claim(k)
@@ -229,6 +239,10 @@ class CachedBackend:
         return results  # type: ignore[return-value]
 
     def _ask(self, reqs, where, claims: dict, fill) -> None:
+        if self._batch is not None:
+            claims = self._ask_batch(reqs, where, claims, fill)
+            if not claims:
+                return
         keys = list(claims)
         batch = [reqs[where[k][0]] for k in keys]
         lock = threading.Lock()
@@ -282,6 +296,30 @@ class CachedBackend:
             if j not in stored:
                 store(j, res)
 
+    def _ask_batch(self, reqs, where, claims: dict, fill) -> dict:
+        """The claimed calls through the batch API, each answer stored as it is downloaded;
+        the claims of the calls it did not answer come back, to be asked online."""
+        from charbuild.store.calls import BatchJournals
+
+        scope = digest("BatchScope", self.backend_kind, self.model_id, self.model_digest, self.template_digest)
+        items = {k: reqs[where[k][0]] for k in claims}
+
+        def store(k: str, res: GenResult) -> None:
+            # A resumed batch may answer calls this request list does not hold: stored all the same.
+            usd = self.usd_of(res) if self.usd_of is not None else res.meta.get("usd")
+            self.cache.put(k, to_entry(res), usage_usd=usd)
+            res.meta["cached"] = False
+            c = claims.pop(k, None)
+            if c is not None:
+                c.release(done=True)
+            if k in where:
+                fill(k, res)
+
+        self.asked += len(items)
+        unanswered = set(self._batch(items, BatchJournals(self.cache.root, scope), store))
+        self.asked -= len(unanswered)
+        return {k: c for k, c in claims.items() if k in unanswered}
+
     def close(self) -> None:
         self.inner.close()
 
@@ -296,8 +334,10 @@ def call_identity(ctx, role: str, m) -> tuple[str, str, str | None, str | None]:
     inputs: the base weights (the role's `model:{role}` input, e.g. a tiny model, else the
     spec's path or id), for the student every adapter folded in first (the `merge` slot,
     in order) and the adapter applied on top (the `adapter` slot); and the spec's
-    `revision`. Remote (openai) models are keyed by model id and revision only: the
-    endpoint (`base_url`) is not part of the key."""
+    `revision`. Remote (openai) models are keyed by model id and endpoint: one model name
+    on two providers can be two models (quantised, another revision, another template). A
+    `revision` says which weights the endpoint serves, and then replaces the endpoint: two
+    endpoints given the same revision share their calls."""
     kind = getattr(m, "backend", "unknown")
     model_id = getattr(m, "model", str(role))
     mdig = tdig = None
@@ -308,19 +348,41 @@ def call_identity(ctx, role: str, m) -> tuple[str, str, str | None, str | None]:
         mdig = model_digest_for_path(path)
         tdig = template_digest(path)
         if role == "student":  # as the pool: adapters are trained on (and applied to) the student only
-            merged = [Path(d) / "adapter" for d in inputs.get("merge", [])]
+            from charbuild.backends.weights import student_weights
+
+            loaded, adir, merged = student_weights(path, ctx.input("adapter") if "adapter" in inputs else None,
+                                                   inputs.get("merge", []))
+            if loaded != path:  # a target's saved merged weights replace the base
+                mdig, tdig = model_digest_for_path(loaded), template_digest(loaded)
             if merged:  # folded into the base first, in order (the SFT variant: the DPO adapter)
                 mdig = digest("ModelMerged", mdig, [model_digest_for_path(a) for a in merged])
-            if "adapter" in inputs:
-                adir = Path(ctx.input("adapter")) / "adapter"
+            if adir is not None:
                 mdig = digest("ModelAdapter", mdig, model_digest_for_path(adir))
                 tdig = template_digest(adir) or tdig
     rev = getattr(m, "revision", None)
+    if kind == "openai" and not rev:
+        mdig = digest("Endpoint", endpoint_id(getattr(m, "base_url", None) or ""))
     if rev:
         mdig = digest("ModelRevision", mdig, rev) if mdig else str(rev)
     return kind, model_id, mdig, tdig
 
 
-def cached_backend_for(ctx, role: str, m, backend: Backend, cache: CallCache) -> CachedBackend:
-    """Wrap the backend a stage got for `role` with the call cache, keyed on the model's identity."""
-    return CachedBackend(backend, cache, *call_identity(ctx, role, m))
+def endpoint_id(base_url: str) -> str:
+    """An endpoint as a call key sees it: scheme, host and path, without a trailing slash or
+    a default port, so that spellings of one URL share their calls."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base_url.strip())
+    try:
+        port = u.port
+    except ValueError:  # not a port number: the spelling as it is
+        return base_url.strip().rstrip("/")
+    default = {"http": 80, "https": 443}.get(u.scheme.lower())
+    host = (u.hostname or "") + (f":{port}" if port and port != default else "")
+    return f"{u.scheme.lower()}://{host}{u.path.rstrip('/')}"
+
+
+def cached_backend_for(ctx, role: str, m, backend: Backend, cache: CallCache, batch: bool = False) -> CachedBackend:
+    """Wrap the backend a stage got for `role` with the call cache, keyed on the model's identity
+    (never on `batch`: an answer is the same call whichever way it was asked)."""
+    return CachedBackend(backend, cache, *call_identity(ctx, role, m), batch=batch)

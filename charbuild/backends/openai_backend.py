@@ -7,6 +7,11 @@ and its retries do not cover truncated JSON bodies (see shared/measured-baseline
 
 Guarantees:
 * one result per request, in request order; nothing lost, nothing duplicated;
+* requests that share a system prompt are sent side by side (`prefix_order`), so the
+  server's prefix cache keeps it; cached prompt tokens it reports are charged at the
+  cached rate;
+* `generate_batch` asks requests through the server's batch API instead, at the batch
+  rate (charbuild.backends.batch);
 * retries with exponential backoff and full jitter on 429, 5xx, 408, timeouts,
   connection errors and malformed / truncated bodies; `Retry-After` honoured (capped);
 * other 4xx fail at once with the status and the server's message;
@@ -17,11 +22,13 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import email.utils
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,11 +38,14 @@ import aiohttp
 
 from charbuild.backends.ratelimit import limiter_for
 from charbuild.ledger import RESERVE_SAFETY, BudgetExceeded, Ledger, Reservation, estimate_chat_tokens
-from charbuild.backends.base import BackendError, GenRequest, GenResult, Progress
+from charbuild.backends.base import BackendError, GenRequest, GenResult, Interrupted, Progress, template_kwargs
 
 log = logging.getLogger(__name__)
 
 MAX_API_STOPS = 4  # OpenAI accepts at most 4 stop sequences
+# After Ctrl-C the calls in flight may still answer for this long: they are paid for either
+# way, and an answer that arrives is stored; a slower one is dropped so the run ends soon.
+INTERRUPT_GRACE_S = 5.0
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -51,9 +61,13 @@ class OpenAIConfig:
     backoff_max_s: float = 30.0
     rpm: int | None = None  # requests per minute (shared by every user of this endpoint+model); None = unlimited
     tpm: int | None = None  # tokens per minute (estimated prompt + max_tokens per request); None = unlimited
+    role: str | None = None  # the spec's role for this model (teacher, judge...), named in errors
 
 
-Cost = Callable[[int, int], float]  # (prompt tokens, completion tokens) -> USD: the price table's, for this model
+# (prompt tokens, completion tokens, cached_in=prompt tokens served from the provider's cache,
+# batch=made through the batch API) -> USD: the price table's, for this model. A plain
+# (prompt, completion) function is accepted too, and then charges every token at full price.
+Cost = Callable[..., float]
 
 
 class _Retryable(Exception):
@@ -98,6 +112,52 @@ def apply_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[:cut], True
 
 
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens the server says it served from its prefix cache: OpenAI's (and vLLM's)
+    `prompt_tokens_details.cached_tokens`, or DeepSeek's `prompt_cache_hit_tokens`."""
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    if n is None:
+        n = usage.get("prompt_cache_hit_tokens")
+    try:
+        return max(0, int(n or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def result_of(data: Mapping[str, Any], stops: Sequence[str]) -> GenResult:
+    """A chat.completion body as a GenResult (the online answer and a batch line's alike);
+    `cached_prompt_tokens` lands in meta when the server reports any."""
+    choice = data["choices"][0]
+    text = choice["message"].get("content") or ""
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    text, cut = apply_stops(text, stops)
+    if cut:
+        finish = "stop"
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    meta: dict[str, Any] = {}
+    cached = min(cached_prompt_tokens(usage), prompt)
+    if cached:
+        meta["cached_prompt_tokens"] = cached
+    return GenResult(text=text, finish_reason=finish, prompt_tokens=prompt,
+                     completion_tokens=int(usage.get("completion_tokens") or 0), meta=meta)
+
+
+def prefix_order(requests: Sequence[GenRequest]) -> list[int]:
+    """The order to send requests in: those with the same system prompt next to each other
+    (groups in order of first appearance, request order within a group), so a provider's or
+    vLLM's prefix cache holds the shared prefix (the constitution) while its calls go out,
+    instead of evicting it between interleaved groups."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(requests):
+        first = r.messages[0] if r.messages else None
+        prefix = first.get("content") if isinstance(first, dict) and first.get("role") == "system" else None
+        groups.setdefault(prefix if isinstance(prefix, str) else None, []).append(i)
+    return [i for g in groups.values() for i in g]
+
+
 def build_payload(model: str, req: GenRequest) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "model": model,
@@ -113,9 +173,97 @@ def build_payload(model: str, req: GenRequest) -> dict[str, Any]:
         payload["seed"] = req.seed
     if req.frequency_penalty != 0:
         payload["frequency_penalty"] = req.frequency_penalty
-    if req.repetition_penalty != 1.0:
-        payload["repetition_penalty"] = req.repetition_penalty  # vLLM / Together extension
+    if req.repetition_penalty is not None:
+        # Not an OpenAI parameter: sent only when the spec sets it (vLLM and Together take it;
+        # `transformers serve` answers 422).
+        payload["repetition_penalty"] = req.repetition_penalty
+    if req.extra_body:
+        payload.update(req.extra_body)  # the spec refuses keys that would override the above
+    if req.thinking is not None:  # vLLM and SGLang servers pass it to the chat template
+        payload["chat_template_kwargs"] = template_kwargs(req)  # the spec refuses it in extra_body then
     return payload
+
+
+# Where each request field comes from in a model's spec, for a server that refuses one.
+_SPEC_FIELD = {"max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature", "top_p": "sampling.top_p",
+               "stop": "sampling.stop", "frequency_penalty": "sampling.frequency_penalty",
+               "repetition_penalty": "sampling.repetition_penalty", "model": "model",
+               "chat_template_kwargs": "thinking (or extra_body.chat_template_kwargs, whichever is set)"}
+
+
+def refused_field(raw: str, payload: Mapping[str, Any]) -> str | None:
+    """The request field a 4xx body names, among the fields this request sent: FastAPI's
+    `detail[].loc` (transformers serve, vLLM), OpenAI's `error.param`, else a bare mention
+    in the message; None when it names none."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    named = []
+    if isinstance(data, dict):
+        for d in data.get("detail") if isinstance(data.get("detail"), list) else ():
+            loc = d.get("loc") if isinstance(d, dict) else None
+            if isinstance(loc, list) and loc:
+                named.append(loc[1] if len(loc) > 1 and loc[0] == "body" else loc[-1])
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("param"):
+            named.append(err["param"])
+    for name in named:
+        if isinstance(name, str) and name in payload:
+            return name
+    for name in sorted(payload, key=len, reverse=True):
+        if name != "messages" and re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", raw):
+            return name
+    return None
+
+
+def spec_field_hint(field: str) -> str:
+    """The spec field that sent `field`: charbuild's own fields come from sampling (the spec
+    refuses them in extra_body), so anything else came from extra_body."""
+    if field == "seed":
+        return "nothing: this server takes no per-request seed, which charbuild sends for every sample; use a server that does"
+    return _SPEC_FIELD.get(field, f"extra_body.{field}")
+
+
+class NotFound(BackendError):
+    """A batch or file the provider does not know (any more): expired from its storage, or
+    made with another account's key."""
+
+
+class _Stopped(BackendError):
+    """A batch ended by `interrupt`: raised on the event loop (a KeyboardInterrupt there would
+    stop the loop itself); `generate` turns it into `Interrupted` for its caller."""
+
+
+class _Batch:
+    """One `agenerate` call, reachable by `interrupt` from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.abort = asyncio.Event()  # send nothing more: a request failed for good, or the batch was stopped
+        self.tasks: list[asyncio.Future] = []
+        self.stopped = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def stop(self, grace_s: float) -> None:
+        """On the batch's loop: send nothing more; drop the calls in flight after `grace_s`."""
+        self.stopped = True
+        self.abort.set()
+        if grace_s <= 0:
+            for t in self.tasks:
+                t.cancel()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(grace_s, self.stop, 0)
+
+    def stop_threadsafe(self, grace_s: float) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.stop, grace_s)
+        except RuntimeError:
+            pass  # its loop is closed: the batch is over
+
+    def ended(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _LoopState:
@@ -160,8 +308,11 @@ class OpenAIBackend:
         self._loop: asyncio.AbstractEventLoop | None = None  # private loop for the sync API
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._interrupted = False
+        self._batches: set[_Batch] = set()  # running batches, on any loop
         self.ledger = ledger
         self.cost = cost
+        self._cost_kw = _takes_kw(cost, "cached_in")
         self._limiter = (limiter_for("openai", cfg.model, cfg.rpm, cfg.tpm, endpoint=cfg.base_url.rstrip("/"))
                          if (cfg.rpm or cfg.tpm) else None)
 
@@ -173,8 +324,10 @@ class OpenAIBackend:
 
     # -- helpers -----------------------------------------------------------------
     def _redact(self, text: str) -> str:
+        # The key's exact value as a whole token, never as a substring: a short dummy key
+        # ("x") must not turn every "x" of a server's message into ***.
         if self.__key:
-            text = text.replace(self.__key, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9_\-.]){re.escape(self.__key)}(?![A-Za-z0-9_\-])", "***", text)
         return text
 
     def _state(self) -> _LoopState:
@@ -213,7 +366,7 @@ class OpenAIBackend:
             if status in _RETRY_STATUSES or status >= 500:
                 ra = parse_retry_after(retry_after_hdr) if status in (429, 503) else None
                 raise _Retryable(f"HTTP {status}: {msg}", retry_after=ra)
-            raise BackendError(f"openai backend: HTTP {status} from {self._url}: {msg}")
+            raise BackendError(self._refusal(status, msg, raw, body))
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
@@ -222,6 +375,23 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(f"malformed body ({type(e).__name__}, {len(raw)} bytes)") from None
         return data
+
+    def _refusal(self, status: int, msg: str, raw: bytes, body: bytes) -> str:
+        """A 4xx that will not change on retry; when it names a field this request sent,
+        which spec field to change."""
+        text = f"openai backend: HTTP {status} from {self._url}: {msg}"
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return text
+        field = refused_field(raw.decode("utf-8", "replace"), payload) if isinstance(payload, dict) else None
+        if field is None:
+            return text
+        where = f"models.{self.cfg.role}." if self.cfg.role else ""
+        hint = spec_field_hint(field)
+        if hint.startswith("nothing"):
+            return f"{text}\n  the server refused `{field}`: {hint}"
+        return f"{text}\n  the server refused `{field}`: change {where}{hint} in the spec"
 
     def _server_message(self, raw: bytes) -> str:
         text = raw.decode("utf-8", "replace")
@@ -239,14 +409,24 @@ class OpenAIBackend:
         text = " ".join(text.split())
         return self._redact(text)[:500] or "(empty body)"
 
-    def _usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return self.cost(prompt_tokens, completion_tokens) if self.cost is not None else 0.0
+    def _usd(self, prompt_tokens: int, completion_tokens: int, cached_in: int = 0, batch: bool = False) -> float:
+        if self.cost is None:
+            return 0.0
+        if self._cost_kw:
+            return self.cost(prompt_tokens, completion_tokens, cached_in=cached_in, batch=batch)
+        return self.cost(prompt_tokens, completion_tokens)
 
-    def _worst_case(self, req: GenRequest) -> tuple[float, int]:
+    def usd_of_result(self, r: GenResult, batch: bool = False) -> float:
+        """An answer's dollars: its cached prompt tokens at the cached rate, a batch line's at the batch rate."""
+        return self._usd(r.prompt_tokens, r.completion_tokens, int(r.meta.get("cached_prompt_tokens") or 0), batch)
+
+    def worst_case(self, req: GenRequest, batch: bool = False) -> tuple[float, int]:
         """What a request reserves: its prompt by the one token estimator, with the
-        reservation safety factor, plus every allowed output token (and their dollars)."""
+        reservation safety factor, at the uncached rate, plus the output tokens it may use:
+        `req.reserve_tokens` (sized from measured lengths) or else every allowed one."""
         est = estimate_chat_tokens(req.messages, RESERVE_SAFETY)
-        return self._usd(est, req.max_tokens), est + req.max_tokens
+        out = req.max_tokens if req.reserve_tokens is None else max(1, min(req.reserve_tokens, req.max_tokens))
+        return self._usd(est, out, 0, batch), est + out
 
     async def _one(self, st: _LoopState, idx: int, req: GenRequest, abort: asyncio.Event,
                    ledger: Ledger | None = None) -> tuple[GenResult, Reservation | None]:
@@ -259,7 +439,7 @@ class OpenAIBackend:
         t0: float | None = None
         attempts = 0
         rate_tokens = self.rate_tokens(req) if self._limiter is not None else 0
-        worst = self._worst_case(req) if ledger is not None else None
+        worst = self.worst_case(req) if ledger is not None else None
         reservation: Reservation | None = None
         try:
             while True:
@@ -293,21 +473,9 @@ class OpenAIBackend:
                     continue
                 await asyncio.sleep(0.01)  # the budget is held by calls in flight: wait for them to settle
 
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-            finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            text, cut = apply_stops(text, req.stop)
-            if cut:
-                finish = "stop"
-            usage = data.get("usage")
-            usage = usage if isinstance(usage, dict) else {}
-            return GenResult(
-                text=text,
-                finish_reason=finish,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                meta={"attempts": attempts, "latency_s": time.monotonic() - (t0 or 0.0)},
-            ), reservation
+            result = result_of(data, req.stop)
+            result.meta.update(attempts=attempts, latency_s=time.monotonic() - (t0 or 0.0))
+            return result, reservation
         except BaseException:
             if reservation is not None:
                 reservation.release()
@@ -323,11 +491,12 @@ class OpenAIBackend:
                             ledger: Ledger | None) -> GenResult:
         """`_one` within the budget: worst case reserved before, actual usage settled after."""
         result, reservation = await self._one(st, idx, req, abort, ledger)
+        usd = self.usd_of_result(result)
         if reservation is not None:
-            reservation.settle(self._usd(result.prompt_tokens, result.completion_tokens), result.prompt_tokens,
-                               result.completion_tokens)
+            reservation.settle(usd, result.prompt_tokens, result.completion_tokens,
+                               cached_in=int(result.meta.get("cached_prompt_tokens") or 0))
         if self.cost is not None:
-            result.meta["usd"] = self._usd(result.prompt_tokens, result.completion_tokens)
+            result.meta["usd"] = usd
         return result
 
     # -- public API -----------------------------------------------------------------
@@ -336,7 +505,13 @@ class OpenAIBackend:
                         ledger: Ledger | None = None) -> list[GenResult]:
         """`on_result(index, result)` is called as each request completes (before `progress`),
         so a caller can store answers one by one: a kill mid-batch loses only those in flight.
-        `ledger`: the one these calls are reserved on and charged to (default: the backend's)."""
+        `ledger`: the one these calls are reserved on and charged to (default: the backend's).
+        After `interrupt`, raises BackendError once the calls in flight have ended."""
+        return await self._agenerate(requests, progress, on_result, ledger, _Batch(asyncio.get_running_loop()))
+
+    async def _agenerate(self, requests: Sequence[GenRequest], progress: Progress | None,
+                         on_result: Callable[[int, GenResult], None] | None, ledger: Ledger | None,
+                         batch: _Batch) -> list[GenResult]:
         if self._closed:
             raise BackendError("openai backend: used after close()")
         ledger = ledger if ledger is not None else self.ledger
@@ -346,7 +521,7 @@ class OpenAIBackend:
         if not requests:
             return []
         st = self._state()
-        abort = asyncio.Event()
+        abort = batch.abort
         halt: list[BudgetExceeded] = []  # the budget stopped the batch: let calls in flight finish
         results: list[GenResult | None] = [None] * len(requests)
         # Requests become tasks in order, at most 2 x concurrency at a time: enough that every
@@ -364,7 +539,11 @@ class OpenAIBackend:
                     abort.set()
                     return
                 except BackendError:
-                    if halt:  # not sent because the budget stopped the batch
+                    if halt or batch.stopped:  # not sent because the budget or an interrupt stopped the batch
+                        return
+                    raise
+                except asyncio.CancelledError:
+                    if batch.stopped:  # dropped in flight by an interrupt: unanswered, asked again next run
                         return
                     raise
                 results[i] = res
@@ -378,15 +557,23 @@ class OpenAIBackend:
             finally:
                 window.release()
 
-        tasks: list[asyncio.Future] = []
+        tasks = batch.tasks
+        self._batches.add(batch)
         try:
-            for i, r in enumerate(requests):
+            if self._interrupted:  # checked after joining _batches: an interrupt sees the batch or it sees this
+                batch.stopped = True
+                abort.set()
+            for i in prefix_order(requests):  # results still land at their request's index
+                r = requests[i]
                 await window.acquire()
-                if abort.is_set():  # failed for good or stopped by the budget: start nothing more
+                if abort.is_set():  # failed for good, stopped by the budget or interrupted: start nothing more
                     window.release()
                     break
                 tasks.append(asyncio.ensure_future(run(i, r)))
             await asyncio.gather(*tasks)
+            if batch.stopped:
+                answered = sum(r is not None for r in results)
+                raise _Stopped(f"openai backend: interrupted; {answered} of {len(requests)} answers had arrived")
             if halt:
                 raise halt[0]
             return results
@@ -395,6 +582,124 @@ class OpenAIBackend:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            batch.ended()
+            self._batches.discard(batch)
+
+    # -- the batch API (mode: batch; the flow is charbuild.backends.batch) -------------------
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
+    async def _api(self, method: str, path: str, *, json_body: Any = None,
+                   form: Callable[[], aiohttp.FormData] | None = None, raw: bool = False) -> Any:
+        """One request to the files or batches API, retried as a chat call is (429, 5xx,
+        timeouts, dropped connections, malformed bodies); any other status fails at once."""
+        st = self._state()
+        url = self.cfg.base_url.rstrip("/") + path
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}  # aiohttp sets it per body
+        attempts = 0
+        while True:
+            attempts += 1
+            retry_after = None
+            try:
+                async with st.session.request(method, url, json=json_body, data=form() if form else None,
+                                              headers=headers, timeout=self._timeout) as resp:
+                    status, body = resp.status, await resp.read()
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
+            except asyncio.TimeoutError:
+                why = f"timeout after {self.cfg.timeout_s:g}s"
+            except (aiohttp.ClientError, OSError) as e:
+                why = f"{type(e).__name__}: {self._redact(str(e))[:200]}"
+            else:
+                if status == 200:
+                    if raw:
+                        return body
+                    try:
+                        data = json.loads(body)
+                        if isinstance(data, dict):
+                            return data
+                    except ValueError:
+                        pass
+                    why = f"malformed body ({len(body)} bytes)"
+                elif status in _RETRY_STATUSES or status >= 500:
+                    why = f"HTTP {status}: {self._server_message(body)}"
+                else:
+                    creating = method == "POST" and path in ("/files", "/batches")
+                    hint = ("; this endpoint has no batch API: set the role's mode: online"
+                            if status in (404, 405) and creating else "")
+                    raise (NotFound if status == 404 and not creating else BackendError)(
+                        f"openai backend: HTTP {status} from {method} {url}: {self._server_message(body)}{hint}")
+            if attempts > self.cfg.max_retries:
+                raise BackendError(f"openai backend: {method} {url} failed after {attempts} attempts; last error: {why}")
+            await asyncio.sleep(self._backoff(attempts, retry_after))
+
+    def _sync(self, make: Callable[[], Any], what: str) -> Any:
+        """Run a coroutine on the backend's loop and wait for it in the calling thread. Ctrl-C
+        here, or `interrupt` from another thread, ends the wait with `Interrupted`: a batch
+        already created keeps running at the provider, and its journal lets the next run
+        collect it."""
+        if self._closed:
+            raise BackendError("openai backend: used after close()")
+        if self._interrupted:
+            raise Interrupted(f"openai backend: interrupted before {what}")
+        fut = asyncio.run_coroutine_threadsafe(make(), self._ensure_loop())
+        try:
+            while True:
+                done, _ = cf.wait([fut], timeout=0.25)
+                if done:
+                    return fut.result()
+                if self._interrupted:
+                    raise Interrupted(f"openai backend: interrupted during {what}")
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise Interrupted(f"openai backend: interrupted during {what}") from None
+
+    def batch_upload(self, jsonl: bytes) -> str:
+        """Upload a batch input file (purpose "batch"); its file id."""
+        def form() -> aiohttp.FormData:
+            f = aiohttp.FormData()
+            f.add_field("purpose", "batch")
+            f.add_field("file", jsonl, filename="charbuild-batch.jsonl", content_type="application/jsonl")
+            return f
+
+        data = self._sync(lambda: self._api("POST", "/files", form=form), "a batch upload")
+        if not isinstance(data.get("id"), str):
+            raise BackendError(f"openai backend: the file upload answered no file id: {str(data)[:200]}")
+        return data["id"]
+
+    def batch_create(self, file_id: str, metadata: dict | None = None) -> dict:
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        if metadata:
+            body["metadata"] = metadata
+        data = self._sync(lambda: self._api("POST", "/batches", json_body=body), "creating a batch")
+        if not isinstance(data.get("id"), str):
+            raise BackendError(f"openai backend: creating a batch answered no batch id: {str(data)[:200]}")
+        return data
+
+    def batch_get(self, batch_id: str) -> dict:
+        return self._sync(lambda: self._api("GET", f"/batches/{batch_id}"), f"polling batch {batch_id}")
+
+    def batch_find(self, file_id: str) -> dict | None:
+        """The batch made from input file `file_id`, if any (among the most recent 100)."""
+        data = self._sync(lambda: self._api("GET", "/batches?limit=100"), "listing batches")
+        for b in data.get("data") or ():
+            if isinstance(b, dict) and b.get("input_file_id") == file_id and isinstance(b.get("id"), str):
+                return b
+        return None
+
+    def batch_file(self, file_id: str) -> bytes:
+        return self._sync(lambda: self._api("GET", f"/files/{file_id}/content", raw=True), f"downloading {file_id}")
+
+    def generate_batch(self, items: Mapping[str, GenRequest], journals, store: Callable[[str, GenResult], None],
+                       ledger: Ledger | None = None) -> list[str]:
+        """`items` (custom id -> request) through the batch API; see charbuild.backends.batch.run_batches."""
+        from charbuild.backends.batch import run_batches
+
+        ledger = ledger if ledger is not None else self.ledger
+        if ledger is not None and ledger.max_usd is not None and self.cost is None:
+            raise BackendError(f"openai backend: budget.max_usd is set but no price was given for {self.cfg.model!r}")
+        return run_batches(self, items, journals, store, ledger)
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._states_lock:
@@ -409,20 +714,58 @@ class OpenAIBackend:
                  on_result: Callable[[int, GenResult], None] | None = None,
                  ledger: Ledger | None = None) -> list[GenResult]:
         """Blocking; safe from any thread, including one running its own event loop.
-        `on_result` runs on the backend's event-loop thread."""
+        `on_result` runs on the backend's event-loop thread.
+
+        Ctrl-C in the calling thread (or `interrupt` from another) stops the batch: nothing
+        more is sent, the calls in flight may still answer for INTERRUPT_GRACE_S (a second
+        Ctrl-C drops them at once), and `Interrupted` is raised once every answer that arrived
+        has reached `on_result`."""
         if self._closed:
             raise BackendError("openai backend: used after close()")
         loop = self._ensure_loop()
-        fut = asyncio.run_coroutine_threadsafe(self.agenerate(requests, progress, on_result, ledger), loop)
+        thread = self._thread
+        batch = _Batch(loop)
+        fut = asyncio.run_coroutine_threadsafe(self._agenerate(requests, progress, on_result, ledger, batch), loop)
+        pressed = 0
+        while True:
+            try:
+                done, _ = cf.wait([fut], timeout=0.25)
+            except KeyboardInterrupt:  # Ctrl-C in this thread (the build's own at --jobs 1)
+                pressed += 1
+                batch.stop_threadsafe(INTERRUPT_GRACE_S if pressed == 1 else 0)
+                continue
+            except BaseException:
+                batch.stop_threadsafe(0)
+                raise
+            if done:
+                break
+            # A batch on a loop that is gone never ends: fail rather than wait forever.
+            if loop.is_closed() or thread is None or not thread.is_alive():
+                raise (Interrupted if self._interrupted else BackendError)(
+                    "openai backend: closed while a batch was running")
         try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
+            results = fut.result()
+        except _Stopped as e:
+            raise Interrupted(str(e)) from None
+        if pressed:  # every answer arrived before the stop took effect: still a Ctrl-C
+            raise Interrupted("openai backend: interrupted")
+        return results
+
+    def interrupt(self, grace_s: float | None = None) -> None:
+        """The run was interrupted: every running batch sends nothing more and drops its calls
+        still in flight after `grace_s` (default INTERRUPT_GRACE_S; 0: at once), and later
+        batches send nothing. Takes no lock, so a signal handler may call it."""
+        self._interrupted = True
+        for b in list(self._batches):
+            b.stop_threadsafe(INTERRUPT_GRACE_S if grace_s is None else grace_s)
 
     async def aclose(self) -> None:
         """Close the session bound to the running loop."""
         loop = asyncio.get_running_loop()
+        for _ in range(500):  # let batches that close() stopped end before their session goes
+            if not any(b.loop is loop for b in list(self._batches)):
+                break
+            await asyncio.sleep(0.01)
         with self._states_lock:
             st = self._states.pop(loop, None)
         if st is not None:
@@ -432,6 +775,8 @@ class OpenAIBackend:
         if self._closed:
             return
         self._closed = True
+        if self._batches:  # a caller still waits on one: end it, never leave it on a stopped loop
+            self.interrupt(0)
         loop, thread = self._loop, self._thread
         if loop is not None:
             try:
@@ -463,3 +808,16 @@ class OpenAIBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _takes_kw(fn, name: str) -> bool:
+    """Whether `fn` accepts keyword `name` (or any keyword)."""
+    import inspect
+
+    if fn is None:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -129,19 +129,76 @@ class RateLimiter:
         return wait
 
 
+class SharedRateLimiter:
+    """A `RateLimiter` kept once for a whole run that spans processes (the workers of a Ray
+    build): its buckets live where the run's shared state does (`contract.Shared`), so
+    every worker draws from the same ones. Reservations are taken there; the waiting is
+    done here, as locally (GCRA: the wait is known when the tokens are taken)."""
+
+    def __init__(self, call: Callable, rpm: int | None, tpm: int | None):
+        self._call = call  # call(method, *args) -> concurrent.futures.Future, on the shared RateLimiter
+        self.rpm, self.tpm = rpm, tpm
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rpm is None and self.tpm is None
+
+    def configure(self, rpm: int | None, tpm: int | None) -> None:
+        self._call("configure", rpm, tpm).result()
+        self.rpm, self.tpm = rpm, tpm
+
+    def reserve(self, tokens: int = 0) -> float:
+        return self._call("reserve", tokens).result()
+
+    async def acquire(self, tokens: int = 0) -> float:
+        if self.unlimited:
+            return 0.0
+        # Awaited, not blocked on: the event loop has other requests to send meanwhile.
+        wait = await asyncio.wrap_future(self._call("reserve", tokens))
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return wait
+
+    def acquire_sync(self, tokens: int = 0) -> float:
+        if self.unlimited:
+            return 0.0
+        wait = self.reserve(tokens)
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
 _REGISTRY: dict[tuple, RateLimiter] = {}
 _REGISTRY_LOCK = threading.Lock()
+_SHARED = None  # contract.Shared of the run this process works for, if its limits span processes
+
+
+def share_limiters(shared) -> None:
+    """From now on `limiter_for` gives limiters kept in `shared` (a run's `contract.Shared`),
+    one per (backend, endpoint, model) for every process of the run; None: back to this
+    process's own. Limiters handed out before keep what they were."""
+    global _SHARED
+    with _REGISTRY_LOCK:
+        _SHARED = shared
+        _REGISTRY.clear()
 
 
 def limiter_for(backend: str, model: str, rpm: int | None, tpm: int | None, endpoint: str | None = None,
                 **kw) -> RateLimiter:
-    """The process-wide limiter of (backend, endpoint, model): every caller shares its buckets.
-    A later call with other limits reconfigures it (last configured wins)."""
+    """The process-wide limiter of (backend, endpoint, model): every caller shares its buckets
+    (every process of the run, after `share_limiters`). A later call with other limits
+    reconfigures it (last configured wins)."""
     key = (backend, endpoint, model)
     with _REGISTRY_LOCK:
         lim = _REGISTRY.get(key)
         if lim is None:
-            lim = _REGISTRY[key] = RateLimiter(rpm, tpm, **kw)
+            if _SHARED is not None:
+                import functools
+
+                call = _SHARED.get(f"ratelimit/{backend}/{endpoint}/{model}", functools.partial(RateLimiter, rpm, tpm))
+                lim = _REGISTRY[key] = SharedRateLimiter(call, rpm, tpm)  # type: ignore[assignment]
+            else:
+                lim = _REGISTRY[key] = RateLimiter(rpm, tpm, **kw)
             return lim
     if (lim.rpm, lim.tpm) != (rpm, tpm):
         log.info("rate limits of %s/%s changed: rpm %s -> %s, tpm %s -> %s", backend, model, lim.rpm, rpm, lim.tpm, tpm)

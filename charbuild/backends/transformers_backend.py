@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from charbuild.backends.base import BackendError, GenRequest, GenResult, Progress
+from charbuild.backends.base import MODEL_LOADING, BackendError, GenRequest, GenResult, Progress, template_kwargs
 
 
 @dataclass
@@ -56,7 +56,7 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 def _group_key(r: GenRequest) -> tuple:
     temp = float(r.temperature) if r.temperature > 0 else 0.0
-    return (r.max_tokens, temp, float(r.top_p) if temp else 1.0, float(r.repetition_penalty),
+    return (r.max_tokens, temp, float(r.top_p) if temp else 1.0, 1.0 if r.repetition_penalty is None else float(r.repetition_penalty),
             float(r.frequency_penalty), tuple(r.stop))
 
 
@@ -78,6 +78,11 @@ class TransformersBackend:
     def _load(self) -> None:
         if self._model is not None:
             return
+        with MODEL_LOADING:  # one load at a time in the process; a second thread finds it loaded
+            if self._model is None:
+                self._load_locked()
+
+    def _load_locked(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -131,7 +136,8 @@ class TransformersBackend:
 
     # ---------------------------------------------------------------- generation
     def _encode(self, r: GenRequest) -> list[int]:
-        text = self._tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False)
+        text = self._tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False,
+                                             **template_kwargs(r))
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, requests: Sequence[GenRequest], progress: Progress | None = None) -> list[GenResult]:

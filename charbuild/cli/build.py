@@ -17,7 +17,10 @@ def _full_plan(args, cache, targets):
 
     loaded, graph = load(args)
     plan = make_plan(loaded, graph, cache, targets, RecipeServices(cache, loaded))
-    save_memo(cache, memo_id(args.spec, args.sets, args.scale, targets), loaded, plan, list(FILES_READ))
+    try:
+        save_memo(cache, memo_id(args.spec, args.sets, args.scale, targets), loaded, plan, list(FILES_READ))
+    except OSError:  # a read-only cache, a full disk: the memo only makes the next null plan fast
+        pass
     return loaded, graph, plan
 
 
@@ -29,17 +32,34 @@ def cmd_plan(args) -> int:
     plan = fast_null_plan(cache, memo_id(args.spec, args.sets, args.scale, targets))
     if plan is None:
         _, _, plan = _full_plan(args, cache, targets)
+    per = per_accepted(cache, plan)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
+        print(json.dumps({**plan.to_json(), "usd_per_accepted": per}, indent=1))
     else:
-        print(render_table(plan))
+        print(render_table(plan, getattr(args, "all", False)))
+        if per:
+            print(per_accepted_lines(per))
     return 0
+
+
+def per_accepted(cache, plan) -> dict:
+    """Dollars per example kept after the filters, per stage, from the manifests of this
+    plan's built targets (charbuild.recipe.estimates.usd_per_accepted)."""
+    from charbuild.recipe.accepted import usd_per_accepted
+
+    return usd_per_accepted(cache.manifest(r.key) for r in plan.rows if r.state == "cached")
+
+
+def per_accepted_lines(per: dict) -> str:
+    return "$ per accepted example (built targets that paid, after the filters): " + "; ".join(
+        f"{stage} ${g['usd_per_accepted']:,.4f} ({g['accepted']} kept for ${g['usd']:,.2f})"
+        for stage, g in sorted(per.items()))
 
 
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from charbuild.engine.executor import BuildError, LocalExecutor, check_outputs, run_build
+    from charbuild.engine.executor import BuildError, check_outputs, run_build
     from charbuild.ledger import BudgetExceeded
     from charbuild.recipe.services import RecipeServices
 
@@ -55,17 +75,37 @@ def cmd_run(args) -> int:
         print(f"charbuild: cannot publish to {outputs / loaded.output_name}/; nothing was built:\n  "
               + "\n  ".join(problems), file=sys.stderr)
         return EXIT_SPEC
+    from charbuild.engine.console import Console
+
+    verbose = getattr(args, "verbose", False)
+    # A terminal gets the live view; a pipe or CI log gets plain lines (and the whole plan).
+    live = sys.stdout.isatty() and not args.no_progress and not verbose
     if not plan.to_build:
         print(f"nothing to build: {len(plan.rows)} targets cached")
     else:
-        print(render_table(plan))
+        print(plan_summary(plan) if live else render_table(plan))
+        cache.check_writable()  # a read-only or full cache: one line now, not a failure per target
+    services = RecipeServices(cache, loaded)
+    if args.jobs > 1 and plan.to_build:
+        services.preload()
     try:
-        report = run_build(loaded, graph, plan, cache, LocalExecutor(args.jobs), args.keep_going, not args.no_progress,
-                           outputs_root=outputs, force_gates=tuple(args.force_gate), services=RecipeServices(cache, loaded))
+        executor = make_executor(args, loaded, verbose)
+    except Exception as exc:  # no ray installed, no cluster at that address
+        cache.close()
+        print(f"charbuild: {exc}", file=sys.stderr)
+        return EXIT_BUILD
+    console = Console(sys.stdout, live=live, capture=not verbose, log=print)
+    try:
+        with _CtrlC(services, executor):
+            # Library progress bars only with -v: otherwise they would fill the target's log.
+            report = run_build(loaded, graph, plan, cache, executor, args.keep_going, verbose and not args.no_progress,
+                               outputs_root=outputs, force_gates=tuple(args.force_gate), services=services,
+                               console=console)
     except (BuildError, BudgetExceeded) as exc:
         print(f"charbuild: {exc}", file=sys.stderr)
         return EXIT_BUILD
     finally:
+        executor.shutdown()  # its threads would otherwise hold the process open at exit
         cache.close()
     s = report.spend
     print(f"built {len(report.built) + len(report.rebuilt_corrupt)}, cached {len(report.cached) + len(report.waited)}, "
@@ -83,27 +123,158 @@ def cmd_run(args) -> int:
     return 0
 
 
-def render_table(plan) -> str:
+def make_executor(args, loaded, verbose: bool = False):
+    """The command line's --executor and --address, else the spec's `execution:`."""
+    from charbuild.engine.executor import LocalExecutor
+
+    ex = loaded.spec.execution
+    if (getattr(args, "executor", None) or ex.executor) != "ray":
+        return LocalExecutor(args.jobs)
+    from charbuild.engine.ray_executor import RayExecutor
+
+    return RayExecutor(getattr(args, "address", None) or ex.address, max_retries=ex.max_retries,
+                       log_to_driver=verbose)
+
+
+class _CtrlC:
+    """SIGINT while `run` builds. The first press raises KeyboardInterrupt as usual: the build
+    stops, and the calls in flight may still answer (and be stored) for a few seconds. Later
+    presses never raise, since a KeyboardInterrupt in the middle of cleaning up is what
+    leaves staging folders and unstored answers behind: the second drops the calls in flight
+    at once, the third exits at once (the next run sweeps the staging folders it leaves)."""
+
+    def __init__(self, services, executor=None):
+        self.services = services
+        self.executor = executor  # a remote one's tasks run elsewhere: they are told too
+        self.presses = 0
+        self.previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        import signal
+        import threading
+
+        # Only where Ctrl-C would raise KeyboardInterrupt: not under `nohup` (ignored) or a
+        # caller's own handler, and signal handlers can only be set from the main thread.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, signum, frame) -> None:
+        import os
+
+        self.presses += 1
+        if self.presses == 1:
+            _say("\ncharbuild: interrupted; calls in flight may still answer for a few seconds "
+                 "(Ctrl-C again to drop them)")
+            raise KeyboardInterrupt
+        if self.presses == 2:
+            _say("charbuild: dropping the calls in flight (Ctrl-C again to exit at once)")
+            self.services.interrupt(now=True)
+            if hasattr(self.executor, "interrupt"):
+                self.executor.interrupt(now=True)
+            return
+        _say("charbuild: exiting at once; the next run removes what this one left half-built")
+        os._exit(130)
+
+
+def _say(line: str) -> None:
+    """To stderr from a signal handler: print() could be in the middle of a write already."""
+    import os
+
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
+
+
+def stage_groups(rows) -> list[list]:
+    """Plan rows in plan order, the shards of one target (`name/shard-NNNN`) gathered into
+    one group where the first of them stands: a paper-scale plan has hundreds of shards."""
+    groups: dict[str, list] = {}
+    for r in rows:
+        head, sep, tail = r.name.rpartition("/shard-")
+        groups.setdefault(head + "/shard-*" if sep and tail.isdigit() else r.name, []).append(r)
+    return list(groups.values())
+
+
+def _group_row(group: list):
+    """One plan row standing for a group of shards: counts, the stale shards' estimates summed."""
+    from charbuild.contract import Estimate
+    from charbuild.engine.planner import PlanRow
+
+    stale = [r for r in group if r.state != "cached"]
+    est = Estimate(calibrated=all(r.estimate.calibrated for r in stale))
+    for r in stale:
+        est = est + r.estimate
+    reasons = sorted({r.reason for r in stale}, key=[r.reason for r in stale].index)
+    reason = (reasons[0] + (f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else "")) if stale else "cached"
+    calls = None
+    if any(r.calls for r in stale):
+        calls = {k: sum((r.calls or {}).get(k, 0) for r in stale) for k in ("cached", "new")}
+    head = group[0].name.rpartition("/shard-")[0]
+    state = "cached" if not stale else "build"
+    name = f"{head}/shard-* ({len(group)} shards" + (f", {len(stale)} to build)" if stale and len(stale) < len(group)
+                                                     else ")")
+    return PlanRow(name, "", group[0].stage, state, reason, est, any(r.may_cut_off for r in stale), calls)
+
+
+def render_table(plan, every_shard: bool = False) -> str:
     from charbuild.cli.table import table
 
+    shown = plan.rows if every_shard else [g[0] if len(g) == 1 else _group_row(g) for g in stage_groups(plan.rows)]
     rows = []
-    for r in plan.rows:
+    for r in shown:
         e = r.estimate
         stale = r.state != "cached"
         out = (f"{_si(e.tokens_out_p50)}-{_si(e.tokens_out_p90)}" if e.calibrated and e.tokens_out_p90 > e.tokens_out_p50
                else _si(e.tokens_out))
         tok = f"{_si(e.tokens_in)}/{out}" if stale and (e.tokens_in or e.tokens_out) else ""
-        usd = f"${e.usd:,.2f}" if stale and e.usd else ""
+        usd = (f"${e.usd:,.2f}" + ("?" if e.price_unknown else "") + (" (batch)" if e.batch else "")
+               if stale and e.usd else "")
+        both = _online_batch(e) if stale else ""
         gpu = f"{e.gpu_hours:.2f}" if stale and e.gpu_hours else ""
         gpu_usd = f"${e.gpu_usd:,.2f}" if stale and e.gpu_usd else ""
         reason = r.reason + (f" ({r.calls['cached']} of {r.calls['cached'] + r.calls['new']} calls cached)"
                              if r.calls and r.calls["cached"] else "")
-        rows.append([r.name, "build (may cut off)" if r.may_cut_off else r.state, reason, tok, usd, gpu, gpu_usd])
+        rows.append([r.name, "build (may cut off)" if r.may_cut_off else r.state, reason, tok, usd, both, gpu,
+                     gpu_usd])
     t = plan.total
+    unknown = any(r.estimate.price_unknown and r.estimate.usd for r in plan.rows if r.state != "cached")
     rows.append(["TOTAL", f"{len(plan.to_build)} to build", f"{len(plan.rows) - len(plan.to_build)} cached",
-                 f"{_si(t.tokens_in)}/{_si(t.tokens_out)}", f"${t.usd:,.2f}", f"{t.gpu_hours:.2f}", f"${t.gpu_usd:,.2f}"])
-    out = table(["target", "state", "reason", "tokens in/out (p50-p90)", "api usd", "gpu-h", "gpu usd (info)"], rows)
+                 f"{_si(t.tokens_in)}/{_si(t.tokens_out)}", f"${t.usd:,.2f}" + ("?" if unknown else ""),
+                 _online_batch(t), f"{t.gpu_hours:.2f}", f"${t.gpu_usd:,.2f}"])
+    out = table(["target", "state", "reason", "tokens in/out (p50-p90)", "api usd", "online / batch usd", "gpu-h",
+                 "gpu usd (info)"], rows)
+    if t.usd_online or t.usd_batch:
+        out += ("\napi usd: what the run pays, each role at its mode (models.<role>.mode: online, batch, or auto: "
+                "batch when budget.deadline_hours >= 24); online / batch: the same calls at either rate.")
+    if unknown:
+        out += ("\n? price unknown: no price table has this model; it is estimated and budgeted at the table's "
+                "default rate. Set models.<role>.price (or prices:) for a real figure.")
     return out + "\n" + budget_line(plan)
+
+
+def _online_batch(e) -> str:
+    """The same calls' API dollars online and through the batch API, when either is priced."""
+    if not (e.usd_online or e.usd_batch):
+        return ""
+    return f"${e.usd_online:,.2f} / ${e.usd_batch:,.2f}"
+
+
+def plan_summary(plan) -> str:
+    """The plan in two lines, for the live view: `charbuild plan` has the table."""
+    t = plan.total
+    unknown = "?" if any(r.estimate.price_unknown and r.estimate.usd for r in plan.to_build) else ""
+    return (f"plan: {len(plan.to_build)} to build, {len(plan.rows) - len(plan.to_build)} cached; "
+            f"{_si(t.tokens_in)}/{_si(t.tokens_out)} tokens, API ${t.usd:,.2f}{unknown}, {t.gpu_hours:.2f} GPU-h "
+            f"(`charbuild plan` lists every target)\n" + budget_line(plan))
 
 
 def budget_line(plan) -> str:

@@ -19,16 +19,18 @@ def check_file(path: str, spec_path: str | None, as_json: bool) -> int:
         loaded = load_spec(spec_path)
         c = load_constitution(loaded.constitution_path)
         cfg = filter_config(loaded.spec.filters, c.language, c.system_prompt())
+    from charbuild.recipe.stages.common import DataFileError, jsonl_rows
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                print(f"{path}:{lineno}: not JSON ({exc.msg})", file=sys.stderr)
-                return 2
+    try:
+        for lineno, rec in jsonl_rows(Path(path)):
+            problem = _unreadable(rec)
+            if problem:
+                raise DataFileError(f"{path}:{lineno}: {problem}")
+            records.append(rec)
+    except DataFileError as exc:
+        print(f"charbuild: {exc}", file=sys.stderr)
+        return 2
     res = check_records(records, cfg)
     if as_json:
         print(json.dumps(res, indent=1))
@@ -39,6 +41,23 @@ def check_file(path: str, spec_path: str | None, as_json: bool) -> int:
         print(f"{Path(path).name}: {c.get('ok', 0)} of {c.get('total', 0)} ok; " +
               ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("ok", "total") and v))
     return 0
+
+
+def _unreadable(rec: dict) -> str | None:
+    """Why a row has no text to check, when that is the file's fault rather than the
+    reply's: an empty reply is a finding ("empty"), a row of another shape is an error."""
+    from charbuild.recipe.quality import TEXT_FIELDS, text_of
+
+    if text_of(rec) is not None:
+        return None
+    present = [k for k in (*TEXT_FIELDS, "messages") if k in rec]
+    if not present:
+        return (f"no text to check: expected one of {', '.join(TEXT_FIELDS)} or messages "
+                f"(found: {', '.join(map(str, rec)) or 'no fields'})")
+    wrong = [k for k in present if rec[k] is not None and not isinstance(rec[k], (str, list, dict))]
+    if wrong:
+        return f"{wrong[0]} is {type(rec[wrong[0]]).__name__}, expected text or a list of chat messages"
+    return None
 
 
 def cmd_check(args) -> int:

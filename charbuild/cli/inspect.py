@@ -98,11 +98,19 @@ def cmd_status(args) -> int:
         # The model a target generated with is among the fields it read.
         models = [v.get("model") for k, v in (m.get("fields") or {}).items() if k.startswith("models.") and isinstance(v, dict)]
         if models and (tokens or u.get("usd")):
-            pm = per_model.setdefault(models[0], {"calls": 0, "usd": 0.0, "tokens": 0})
+            pm = per_model.setdefault(models[0], {"calls": 0, "usd": 0.0, "tokens": 0, "batch_calls": 0,
+                                                  "tokens_in_cached": 0})
             pm["calls"] += u.get("calls", 0)
             pm["usd"] += u.get("usd", 0)
             pm["tokens"] += tokens
-    print(f"cache {cache.root}: {n} targets, {size / 1e6:.1f} MB")
+            pm["batch_calls"] += u.get("batch_calls", 0)
+            pm["tokens_in_cached"] += u.get("tokens_in_cached", 0)
+    where = f" (this machine's working copy of {cache.url})" if getattr(cache, "url", None) else ""
+    print(f"cache {cache.root}{where}: {n} targets, {size / 1e6:.1f} MB")
+    debris = sum(1 for _ in cache.debris())
+    if debris:
+        print(f"{debris} folders in objects/ have no valid manifest (an interrupted removal?): not objects; "
+              "a build sets them aside, `charbuild gc --yes` removes them")
     runs = {k: cache.index.get(("spend", k), {}) or {} for k in per_spec}
     print(table(["spec", "targets", "spent usd", "est. usd", "tokens", "est. tokens", "build seconds", "api tokens",
                  "est. gpu-h", "all runs usd"],
@@ -113,15 +121,21 @@ def cmd_status(args) -> int:
           "estimated, never counted; all runs: every run of the spec on this cache, unfinished targets included")
     if per_model:
         print()
-        print(table(["model", "calls", "spent usd", "tokens"],
-                    [[k, v["calls"], f"{v['usd']:.4f}", v["tokens"]] for k, v in sorted(per_model.items())]))
+        print(table(["model", "calls", "spent usd", "tokens", "batch calls", "cached input tokens"],
+                    [[k, v["calls"], f"{v['usd']:.4f}", v["tokens"], v["batch_calls"], v["tokens_in_cached"]]
+                     for k, v in sorted(per_model.items())]))
+        print("batch calls: made through a batch API, at its batch rate; cached input tokens: served from the "
+              "provider's prompt cache, at its cached rate")
     return 0
 
 
 def cmd_gc(args) -> int:
     """Remove the objects no listed spec reaches, and the aliases (early cutoff) that are
     unreachable or point at nothing; then what led to them: index entries, lock files, and
-    staging dirs a killed build left. Bytes count only for objects really deleted."""
+    staging dirs a killed build left. Folders in objects/ without a valid manifest (an
+    interrupted removal) are not objects, and go too. What a running build holds (its
+    lease: every target it plans, every input it has checked) is kept, whatever the specs
+    say. Counts and bytes are of what was really deleted; what could not be is named."""
     from charbuild.recipe.registry import recipe_graph
     from charbuild.spec.model import load_spec
 
@@ -131,37 +145,70 @@ def cmd_gc(args) -> int:
         live |= {node.key for node in recipe_graph(load_spec(s))}
     # An object is live while a live key resolves to it (early cutoff aliases).
     live |= {cache.resolve(k) for k in list(live)}
-    objects = set(cache.keys())
-    dead = sorted(k for k in objects if k not in live)
-    stale = sorted((a, t) for a, t in cache.aliases() if a not in live or t not in objects)
     verb = "removed" if args.yes else "would remove"
     removed: set[str] = set()
-    failed = freed = 0
-    for a, t in stale:  # aliases first: none is ever left pointing at a removed object
-        m = cache.manifest(t) or {}
-        what = f"alias {a[:12]} -> {t[:12]} {m.get('target', '(nothing)')}"
-        try:
-            if args.yes:
-                cache.remove_alias(a)
-            removed.add(a)
-            print(f"{verb} {what}")
-        except OSError as exc:
-            failed += 1
-            print(f"could not remove {what}: {exc.strerror or exc}; kept")
-    for k in dead:
-        m = cache.manifest(k) or {}
-        what = f"{k[:12]} {m.get('target', '?')} ({m.get('spec', '?')})"
-        try:
-            freed += cache.remove_object(k) if args.yes else cache.object_size(k)
+    failed = freed = kept = n_debris = 0
+    # Builds add to their leases only outside this lock: what one reads is either in a lease
+    # read here, or looked at after gc is done (and found gone, then rebuilt).
+    with cache.gc_lock():
+        held = cache.leases(remove_stale=args.yes)
+        in_use = {**held, **{cache.resolve(k): who for k, who in held.items()}}
+        objects = set(cache.keys())
+        dead = sorted(k for k in objects if k not in live)
+        stale = sorted((a, t) for a, t in cache.aliases() if a not in live or t not in objects)
+        for a, t in stale:  # aliases first: none is ever left pointing at a removed object
+            m = cache.manifest(t) or {}
+            what = f"alias {a[:12]} -> {t[:12]} {m.get('target', '(nothing)')}"
+            if a in in_use and t in objects:
+                kept += 1
+                print(f"kept {what}: in use by {in_use[a]}")
+                continue
+            try:
+                if args.yes:
+                    cache.remove_alias(a)
+                removed.add(a)
+                print(f"{verb} {what}")
+            except OSError as exc:
+                failed += 1
+                print(f"could not remove {what}: {exc.strerror or exc}; kept")
+        for k in dead:
+            m = cache.manifest(k) or {}
+            what = f"{k[:12]} {m.get('target', '?')} ({m.get('spec', '?')})"
+            if k in in_use:
+                kept += 1
+                print(f"kept {what}: in use by {in_use[k]}")
+                continue
+            try:
+                size = cache.remove_object(k) if args.yes else cache.object_size(k)
+            except OSError as exc:
+                failed += 1
+                print(f"could not remove {what}: {exc.strerror or exc}; kept")
+                continue
+            if size is None:
+                print(f"{what} was gone already (another gc?)")
+                continue
+            freed += size
             removed.add(k)
             print(f"{verb} {what}")
-        except OSError as exc:
-            failed += 1
-            print(f"could not remove {what}: {exc.strerror or exc}; kept")
-    n_alias = sum(a in removed for a, _ in stale)
-    summary = f"{len(removed) - n_alias} unreachable targets ({freed / 1e6:.1f} MB), {n_alias} stale aliases"
-    for d in cache.clean_staging(dry_run=not args.yes):
-        print(f"{verb} {d} (a staging dir untouched for an hour that no build holds)")
+        for d in cache.debris():
+            if d.name in dead:
+                continue  # a truncated manifest no listed spec reaches: dealt with above
+            what = f"{d} (no valid manifest: what an interrupted removal left, not an object)"
+            try:
+                size = cache.remove_debris(d) if args.yes else 0
+            except OSError as exc:
+                failed += 1
+                print(f"could not remove {what}: {exc.strerror or exc}; kept")
+                continue
+            if size is not None:
+                n_debris += 1
+                print(f"{verb} {what}")
+        n_alias = sum(a in removed for a, _ in stale)
+        summary = f"{len(removed) - n_alias} unreachable targets ({freed / 1e6:.1f} MB), {n_alias} stale aliases"
+        summary += f", {n_debris} folders without a manifest" if n_debris else ""
+        summary += f" ({kept} kept: in use by a running build)" if kept else ""
+        for d in cache.clean_staging(dry_run=not args.yes):
+            print(f"{verb} {d} (a staging dir untouched for an hour that no build holds)")
     if not args.yes:
         print(f"{summary} (dry run: --yes to remove)")
         return 0

@@ -6,12 +6,13 @@ import sys
 
 from charbuild.recipe.stages.evals import VARIANTS
 
-TARGET_VARIANT = {"sft-adapter": "sft", "dpo-adapter": "dpo", "base": "base", "student": "base"}
+TARGET_VARIANT = {"final": "final", "sft-adapter": "sft", "dpo-adapter": "dpo", "base": "base", "student": "base"}
 
 
 def open_model(loaded, graph, cache, target: str):
     """A backend for the student with the adapters that make `target`, which must be built."""
     from charbuild.backends.pool import make_backend
+    from charbuild.backends.weights import student_weights
     from charbuild.recipe.stages.common import model_inputs
 
     if target not in TARGET_VARIANT:
@@ -26,8 +27,9 @@ def open_model(loaded, graph, cache, target: str):
         paths[slot] = [cache.path(graph[n].key) for n in names]
     m = loaded.spec.models["student"]
     model_path = str(paths["model:student"][0]) if "model:student" in paths else m.model
-    adapter = str(paths["adapter"][0] / "adapter") if "adapter" in paths else None
-    merged = tuple(str(p / "adapter") for p in paths.get("merge", []))
+    # As the pool does in a build: merged weights a target saved are loaded instead of its adapters.
+    model_path, adapter, merged = student_weights(model_path, paths["adapter"][0] if "adapter" in paths else None,
+                                                  paths.get("merge", []))
     return make_backend(m, model_path, adapter, merged)
 
 

@@ -1,13 +1,17 @@
 """Running a plan: build what is stale, in dependency order, shard by shard.
 
 The scheduler here knows targets and keys, not DPO. Execution goes through an
-`Executor` (submit a task, get a future), so a Ray executor can replace the local one;
-each task needs only the cache root and the target, the cache being the shared state.
+`Executor` (submit a task, get a future). The local one runs `build_one` in this process;
+a remote one (charbuild.engine.ray_executor) runs each target in another process, maybe
+on another machine, and gets `RemoteBuild` tasks instead: everything they carry is
+picklable (the spec, the graph, the cache's root, a *factory* of the services, the run's
+shared ledger), and each worker opens the cache and makes the services itself.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import platform
 import shutil
 import sys
@@ -19,14 +23,16 @@ from typing import Callable, Protocol
 from charbuild import __version__
 from charbuild.store.atomic import write_json_atomic
 from charbuild.store.objects import Cache
+from charbuild.engine.console import Console
 from charbuild.engine.graph import Graph, Node
 from charbuild.engine.keys import cutoff_key
 from charbuild.engine.planner import Plan
-from charbuild.contract import BuildContext, Services
+from charbuild.contract import BuildContext, Services, Shared
 from charbuild.engine.staleness import build_record
 from charbuild.ledger import BudgetExceeded, Ledger, over_budget
 
-__all__ = ["BudgetExceeded", "BuildError", "BuildReport", "Executor", "LocalExecutor", "run_build"]
+__all__ = ["BudgetExceeded", "BuildError", "BuildReport", "Executor", "LocalExecutor", "RemoteBuild",
+           "RemoteExecutor", "run_build"]
 
 
 class BuildError(Exception):
@@ -42,6 +48,20 @@ class Executor(Protocol):
     def submit(self, fn: Callable, *args) -> cf.Future: ...
 
     def shutdown(self) -> None: ...
+
+
+class RemoteExecutor(Executor, Protocol):
+    """An executor whose tasks run in other processes (Ray workers). The engine submits it
+    `RemoteBuild` tasks, and keeps the run's ledger (and what the backends share: rate
+    limits) in the state `shared` makes, once per run, where every worker reaches it."""
+
+    def shared(self, max_usd: float | None, max_tokens: int | None) -> Shared:
+        """The run's shared state (contract.Shared), its ledger capped at `budget:`."""
+        ...
+
+    def interrupt(self, now: bool = False) -> None:
+        """Ctrl-C: the running tasks are told (`now`: killed)."""
+        ...
 
 
 class LocalExecutor:
@@ -76,6 +96,7 @@ class BuildReport:
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     spend: dict = field(default_factory=dict)  # the run's ledger: Ledger.snapshot()
+    workers: dict[str, dict] = field(default_factory=dict)  # target -> the worker that built it (remote executors)
     seconds: float = 0.0
     outputs: Path | None = None
 
@@ -88,15 +109,16 @@ def library_versions(services=None) -> dict:
 
 
 def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: Ledger, progress: bool,
-              log: Callable[[str], None], force_gates: tuple[str, ...] = (), estimate: dict | None = None) -> str:
+              console: Console, force_gates: tuple[str, ...] = (), estimate: dict | None = None) -> str:
     """Build one target if needed; returns cached | built | waited | rebuilt-corrupt."""
+    log = console.line
     state = "built"
     if cache.has(node.key):
         problems = cache.verify(node.key)
         if not problems:
             return "cached"
         moved = cache.quarantine(node.key)
-        log(f"! {node.name}: cached object is corrupt ({'; '.join(problems[:3])}); moved to {moved}, rebuilding")
+        log(f"! {node.name}: cached object {_damage(problems, 3)}" + (f"; moved to {moved}" if moved else "") + ", rebuilding")
         state = "rebuilt-corrupt"
     with cache.lock(node.key):
         if cache.has(node.key) and not cache.verify(node.key):
@@ -106,7 +128,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: 
             for p, n in zip(paths, node.defn.inputs[slot]):
                 problems = cache.verify(graph[n].key)
                 if problems:
-                    raise BuildError(f"{node.name}: input {n} is corrupt ({'; '.join(problems[:2])}); run again to rebuild it")
+                    raise BuildError(f"{node.name}: input {n} {_damage(problems)}; run again to rebuild it")
         ckey = content_cutoff_key(node, graph, cache)
         same = cache.index.get(("cutoff", ckey)) if ckey else None
         if same and same != node.key and cache.has(same) and not cache.verify(same):
@@ -118,7 +140,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: 
             return "cut-off"
         t0 = time.time()
         account = ledger.account()  # this target's usage, exact when targets build concurrently
-        with cache.staging(node.key) as out_dir:
+        with console.target(node.name, cache.log_path(node.key, node.name)), cache.staging(node.key) as out_dir:
             ctx = BuildContext(node.defn, node.key, node.defn.spec or loaded, out_dir, inputs, services, account,
                                progress, force_gates)
             result = node.stage.run(ctx) or {}
@@ -131,6 +153,7 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: 
                 "inputs": {slot: [{"target": n, "key": graph[n].key} for n in names] for slot, names in node.defn.inputs.items()},
                 "result": result, "touched": list(ctx.touched), "usage": usage, "estimate": estimate or {}, "seconds": round(time.time() - t0, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "versions": library_versions(services),
+                "worker": worker_identity(),
             }
             cache.commit(node.key, out_dir, manifest)
         cache.record_build(loaded.spec.name, node.name, build_record(node))
@@ -138,6 +161,120 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: 
         if ckey:
             cache.index.set(("cutoff", ckey), node.key)
     return state
+
+
+_WORKER: dict = {}  # what a remote executor says of this worker process (its node id)
+
+
+def note_worker(**info) -> None:
+    """A remote executor's task wrapper names the worker this process is (e.g. its node)."""
+    _WORKER.update(info)
+
+
+def worker_identity() -> dict:
+    """Which worker built a target, for its manifest: host and process, plus what the
+    executor noted (a Ray node id)."""
+    return {"host": platform.node(), "pid": os.getpid(), **_WORKER}
+
+
+# run id -> (cache, services) of this worker process: opened on a run's first target here,
+# kept for its next ones (backends hold loaded models and open connections).
+_RUNS: dict[str, tuple] = {}
+_AT_EXIT: list = []
+
+
+def _close_runs(keep: str | None = None) -> None:
+    for run_id in [r for r in _RUNS if r != keep]:
+        cache, services = _RUNS.pop(run_id)
+        try:
+            if services is not None:
+                services.close()
+        finally:
+            cache.close()
+
+
+class RemoteBuild:
+    """One run's targets as tasks for a remote executor. Picklable, and the same object for
+    every target of the run (an executor ships it once): the spec, the graph, how to open
+    the cache, the services' factory and the run's shared state. Called in a worker as
+    `task(name, estimate)`, it builds one target with `build_one` and returns what the
+    driver shows: {"state", "lines" (its console lines), "worker"}."""
+
+    def __init__(self, run_id: str, loaded, graph: Graph, cache: Cache, services_factory, shared: Shared,
+                 progress: bool, capture: bool, force_gates: tuple[str, ...]):
+        self.run_id = run_id
+        self.loaded = loaded
+        self.graph = graph
+        self.cache_type = type(cache)
+        # The URL for a cache on a store: a worker elsewhere opens the bucket with its own
+        # local working cache, never the driver's directory.
+        self.cache_root = getattr(cache, "location", cache.root)
+        self.services_factory = services_factory
+        self.shared = shared
+        self.progress = progress
+        self.capture = capture
+        self.force_gates = tuple(force_gates)
+
+    def resources(self, name: str, estimate: dict | None = None) -> dict:
+        """What the target's stage asks of the cluster (contract.Stage.resources)."""
+        node = self.graph[name]
+        return dict(node.stage.resources(node.defn))
+
+    def _open(self) -> tuple:
+        if self.run_id not in _RUNS:
+            if not _AT_EXIT:
+                import atexit
+
+                atexit.register(_close_runs)  # a worker that exits closes its backends
+                _AT_EXIT.append(True)
+            _close_runs()  # a worker serves one run at a time: the last one's models go
+            cache = self.cache_type(self.cache_root)
+            services = self.services_factory(cache, self.shared) if self.services_factory is not None else None
+            _RUNS[self.run_id] = (cache, services)
+        return _RUNS[self.run_id]
+
+    def __call__(self, name: str, estimate: dict | None) -> dict:
+        cache, services = self._open()
+        lines: list[str] = []
+        console = Console(capture=self.capture, log=lines.append)
+        console.start([])
+        try:
+            state = build_one(self.graph[name], self.graph, self.loaded, cache, services, self.shared.ledger,
+                              self.progress, console, self.force_gates, estimate)
+        except BaseException as exc:
+            exc = _shippable(exc)
+            try:
+                exc.charbuild_lines = lines  # type: ignore[attr-defined]  # the driver shows them
+            except AttributeError:
+                pass
+            raise exc
+        finally:
+            console.stop()
+            if self.resources(name).get("num_gpus"):
+                _close_runs(keep=None)  # the GPU's memory is freed with the model, not kept idle
+        return {"state": state, "lines": lines, "worker": worker_identity()}
+
+
+def _shippable(exc: BaseException) -> BaseException:
+    """`exc`, or one the driver can unpickle that reads the same (`Type: message`): an
+    exception whose __init__ wants more than its message does not survive pickling."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        base = Exception if isinstance(exc, Exception) else BaseException
+        # A class of the same name, made here: pickled by value, so no import is needed there.
+        same_name = type(type(exc).__name__, (base,), {"__module__": __name__, "__qualname__": type(exc).__name__})
+        return same_name(str(exc))
+
+
+def _damage(problems: list[str], n: int = 2) -> str:
+    """What `verify` found, for the log: an object gc removed is gone, not corrupt."""
+    if problems[0].startswith("removed by gc"):
+        return f"was {problems[0]}"
+    return f"is corrupt ({'; '.join(problems[:n])})"
 
 
 def content_cutoff_key(node: Node, graph: Graph, cache: Cache) -> str | None:
@@ -157,14 +294,18 @@ def content_cutoff_key(node: Node, graph: Graph, cache: Cache) -> str | None:
 def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor | None = None,
               keep_going: bool = False, progress: bool = True, log: Callable[[str], None] = print,
               outputs_root: Path | None = Path("outputs"), force_gates: tuple[str, ...] = (),
-              services: Services | None = None) -> BuildReport:
+              services: Services | None = None, console: Console | None = None) -> BuildReport:
     """Build the plan's stale targets. `services` (made by the layer above) is what the
-    stages need from outside the engine; the build closes it when it ends.
+    stages need from outside the engine; the build closes it when it ends. `console`: what
+    people see (default: `log` gets one line per finished target; library output stays
+    where it goes). `progress`: stages may draw their own progress bars.
 
     The run's one `Ledger` is made here from `budget:` and each target gets an account of
     it (`ctx.budget`). The run refuses to start when the plan's estimate of the API calls
     is over a cap (`over_budget`, the verdict `plan` shows); while it runs, the ledger
-    stops it at a call boundary (BudgetExceeded)."""
+    stops it at a call boundary (BudgetExceeded). With a `RemoteExecutor` the ledger is the
+    run's shared one, wherever its targets build, and a budget stop stops every worker at
+    its next call boundary."""
     spec = loaded.spec
     report = BuildReport()
     t0 = time.time()
@@ -177,14 +318,26 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     over = over_budget(total.usd, total.api_tokens, spec.budget.max_usd, spec.budget.max_tokens)
     if over:
         raise BudgetExceeded("; ".join(over) + "; nothing was started (see `charbuild plan`)")
-    ledger = Ledger(spec.budget.max_usd, spec.budget.max_tokens)
+    console = console or Console(live=False, capture=False, log=log)
     own = executor is None
     executor = executor or LocalExecutor(1)
+    task: RemoteBuild | None = None
+    if hasattr(executor, "shared"):
+        task = _remote_build(executor, loaded, graph, cache, services, progress, console.capture, force_gates)
+        ledger = task.shared.ledger
+    else:
+        ledger = Ledger(spec.budget.max_usd, spec.budget.max_tokens)
+    console.start(todo, ledger, sum(r.estimate.calls for r in plan.to_build))
     estimates = {r.name: r.estimate.to_dict() for r in plan.rows}
+    cache.hold([r.key for r in plan.rows], f"charbuild run of {spec.name}")  # `gc` leaves what this run reads
     done: set[str] = set()
     failed: set[str] = set()
     pending: dict[cf.Future, str] = {}
     remaining = list(todo)
+    try:
+        cache.sweep_dead_staging()  # what a killed run left: it would otherwise wait for `gc`
+    except OSError:
+        pass
     try:
         while remaining or pending:
             for name in list(remaining):
@@ -195,8 +348,17 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                     report.skipped.append(name)
                 elif deps <= done:
                     remaining.remove(name)
-                    fut = executor.submit(build_one, graph[name], graph, loaded, cache, services, ledger, progress, log,
-                                          tuple(force_gates), estimates.get(name))
+                    if task is not None and cache.has(graph[name].key) and not cache.verify(graph[name].key):
+                        # Built and intact: nothing for a worker to do (a run that finds everything
+                        # built asks nothing of the cluster).
+                        fut = cf.Future()
+                        fut.set_result({"state": "cached", "lines": [], "worker": None})
+                    elif task is not None:
+                        fut = executor.submit(task, name, estimates.get(name))
+                        console.started(name)
+                    else:
+                        fut = executor.submit(build_one, graph[name], graph, loaded, cache, services, ledger, progress,
+                                              console, tuple(force_gates), estimates.get(name))
                     pending[fut] = name
                     if fut.done() and fut.exception() is not None:
                         break  # an inline executor failed: handle it before starting more
@@ -208,14 +370,18 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                 try:
                     state = fut.result()
                 except BaseException as exc:
+                    for line in getattr(exc, "charbuild_lines", ()):  # what a remote worker said first
+                        console.line(line)
                     if _stops_the_build(exc) or not isinstance(exc, Exception):
+                        if isinstance(exc, BudgetExceeded) and hasattr(ledger, "stop"):
+                            ledger.stop(str(exc))  # every other worker stops at its next call
                         raise
                     # a failed target stops its dependents, not the report
                     report.failed[name] = f"{type(exc).__name__}: {exc}"
                     # Remembered so `plan` shows it until the target builds.
                     cache.index.set(("failed", graph[name].key), {"error": report.failed[name][:2000], "time": time.time()})
                     failed.add(name)
-                    log(f"✗ {name}: {type(exc).__name__}: {exc}")
+                    console.failed(name, f"{type(exc).__name__}: {exc}", cache.log_path(graph[name].key, name))
                     if not keep_going:
                         report.skipped += remaining
                         remaining.clear()
@@ -224,24 +390,85 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
                                 del pending[other]
                                 report.skipped.append(oname)
                     continue
+                if task is not None:
+                    for line in state["lines"]:
+                        console.line(line)
+                    if state["worker"] is not None:
+                        report.workers[name] = state["worker"]
+                    state = state["state"]
                 done.add(name)
                 {"cached": report.cached, "built": report.built, "waited": report.waited,
                  "rebuilt-corrupt": report.rebuilt_corrupt, "cut-off": report.cut_off}[state].append(name)
-                if state != "cached":
-                    log(f"✓ {name} ({state})")
+                console.finished(name, state)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches this (the main) thread only: the targets running in workers are told
+        # so their calls end soon, keeping every answer that arrives.
+        _interrupt(services, executor=executor)
+        raise
     finally:
         for fut in pending:
             fut.cancel()
+        # Targets still running end before the services close under them (a call waiting on a
+        # closed backend would wait forever): each stores its answers and removes its staging.
+        pressed_again = _wait_for_running(list(pending), services, executor)
         if own:
             executor.shutdown()
         if services is not None:
             services.close()
-        report.spend = ledger.snapshot()
+        console.stop()
+        try:
+            report.spend = ledger.snapshot()
+        except Exception:  # a remote ledger that is gone: the run's outcome matters more than its total
+            report.spend = {}
+        if task is not None and hasattr(task.shared, "close"):
+            task.shared.close()
         _record_run_spend(cache, spec.name, report.spend)
         report.seconds = time.time() - t0
+        if pressed_again:
+            raise KeyboardInterrupt
     if not report.failed and outputs_root is not None:
         report.outputs = publish_outputs(loaded, graph, cache, [r.name for r in plan.rows], outputs_root)
     return report
+
+
+def _remote_build(executor: RemoteExecutor, loaded, graph: Graph, cache: Cache, services, progress: bool,
+                  capture: bool, force_gates) -> RemoteBuild:
+    """The run as tasks for a remote executor: its shared state made there, and the services
+    as a factory each worker calls (they hold sockets and models: not shippable)."""
+    import uuid
+
+    factory = None
+    if services is not None:
+        for_workers = getattr(services, "for_workers", None)
+        factory = for_workers() if for_workers is not None else None
+        if factory is None:
+            raise BuildError("nothing was started: these services cannot be made on another machine "
+                             "(they have no for_workers()); use the local executor")
+    b = loaded.spec.budget
+    shared = executor.shared(b.max_usd, b.max_tokens)
+    return RemoteBuild(uuid.uuid4().hex, loaded, graph, cache, factory, shared, progress, capture, tuple(force_gates))
+
+
+def _interrupt(services, now: bool = False, executor=None) -> None:
+    for what in (services, executor):
+        if what is not None and hasattr(what, "interrupt"):
+            try:
+                what.interrupt(now)
+            except Exception:  # best effort: the build is ending either way
+                pass
+
+
+def _wait_for_running(futures: list[cf.Future], services, executor=None) -> bool:
+    """Wait until every started target has ended; whether Ctrl-C was pressed meanwhile (each
+    press drops the calls still in flight at once, rather than leaving a target half-cleaned)."""
+    pressed = False
+    while True:
+        try:
+            cf.wait(futures)
+            return pressed
+        except KeyboardInterrupt:
+            pressed = True
+            _interrupt(services, now=True, executor=executor)
 
 
 def _record_run_spend(cache: Cache, spec_name: str, spend: dict) -> None:

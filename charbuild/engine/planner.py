@@ -48,7 +48,9 @@ class PlanRow:
                                "out_p90": e.tokens_out_p90},
                 "est_usd": round(e.usd, 4), "est_usd_p90": round(e.usd_p90, 4),
                 "est_gpu_hours": round(e.gpu_hours, 4), "calibrated": e.calibrated, "may_cut_off": self.may_cut_off,
-                "calls": self.calls, "est_gpu_usd": round(e.gpu_usd, 4), "est_api_tokens": e.api_tokens}
+                "calls": self.calls, "est_gpu_usd": round(e.gpu_usd, 4), "est_api_tokens": e.api_tokens,
+                "est_price_unknown": e.price_unknown, "est_usd_online": round(e.usd_online, 4),
+                "est_usd_batch": round(e.usd_batch, 4), "batch": e.batch}
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Plan:
                                          "out_p90": t.tokens_out_p90},
                           "est_usd": round(t.usd, 4), "est_usd_p90": round(t.usd_p90, 4),
                           "est_gpu_hours": round(t.gpu_hours, 4), "est_gpu_usd": round(t.gpu_usd, 4),
-                          "est_api_tokens": t.api_tokens},
+                          "est_api_tokens": t.api_tokens, "est_price_unknown": t.price_unknown,
+                          "est_usd_online": round(t.usd_online, 4), "est_usd_batch": round(t.usd_batch, 4)},
                 "budget": {"max_usd": self.max_usd, "max_tokens": self.max_tokens, "within": not over, "over": over}}
 
 
@@ -112,20 +115,27 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
         return contexts[id(ld)]
 
     rows = []
+    prefetch = getattr(cache, "prefetch", None)
+    if prefetch is not None:  # a cache on a store: one concurrent look-up, not one per target
+        prefetch([graph[n].key for n in names])
     for name in names:
         node = graph[name]
         if cache.has(node.key):
             rows.append(PlanRow(name, node.key, node.stage.name, "cached", "cached"))
             continue
-        reason = str(why_stale(node, cache.last_build(loaded.spec.name, name)))
+        previous = cache.last_build(loaded.spec.name, name)
+        reason = str(why_stale(node, previous))
         failed = cache.index.get(("failed", node.key))
         if failed:
             reason = f"FAILED last run: {failed['error'].splitlines()[0][:120]}"
-        # An input will be rebuilt first; if it comes out identical, this one is kept.
-        may = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
+        stale_input = any(not cache.has(graph[i].key) for ins in node.defn.inputs.values() for i in ins)
+        # An input will be rebuilt first; if it comes out identical to what this target was
+        # built from before, the earlier build is kept. With no earlier build there is
+        # nothing to keep: the target is simply new.
+        may = stale_input and previous is not None
         est = node.stage.estimate(node.defn, ectx_for(node.defn.spec))
         calls = None
-        if not may:
+        if not stale_input:
             counted = count_calls(node, graph, node.defn.spec or loaded, cache, services, est)
             if counted is not None:
                 est, calls = counted

@@ -21,6 +21,10 @@ from charbuild.spec.model import ModelSpec
 from charbuild.spec.prices import size_class
 
 MAX_OUTS = 5000  # per-call output lengths kept per (stage, model)
+# Reservations from measured lengths: the p99 of the recent ones, once there are enough of
+# them for a p99 to mean something (with 20, it is about their longest).
+RESERVE_PERCENTILE = 99
+RESERVE_MIN_MEASURED = 20
 
 # Rough training throughput (tokens/s on one GPU incl. backward) relative to generation.
 TRAIN_SLOWDOWN = 3.0
@@ -53,6 +57,20 @@ class Calibration:
         import numpy as np
 
         return float(np.percentile(outs, 50)), float(np.percentile(outs, 90))
+
+    def out_high(self, stage: str, model: str) -> int | None:
+        """A high bound on one call's output tokens for this stage and model: the p99 of the
+        recent measured lengths, rounded up; None until RESERVE_MIN_MEASURED were measured
+        (too few to say where the tail is). Budget reservations hold this instead of
+        max_tokens (charbuild.ledger)."""
+        outs = (self.stats.get(f"{stage}|{model}") or {}).get("outs")
+        if not outs or len(outs) < RESERVE_MIN_MEASURED:
+            return None
+        import math
+
+        import numpy as np
+
+        return max(1, math.ceil(float(np.percentile(outs, RESERVE_PERCENTILE))))
 
     @staticmethod
     def record(cache, stage: str, model: str, calls: int, tokens_in: int, tokens_out: int,
@@ -103,10 +121,18 @@ def generation(ctx, m: ModelSpec, stage: str, calls: int, tin_per_call: float, t
     est = Estimate(tin, tout, calls=calls, calibrated=calibrated)
     rng = ctx.calibration.out_range(stage, m.model)
     est.tokens_out_p50, est.tokens_out_p90 = (int(calls * rng[0]), int(calls * rng[1])) if rng else (tout, tout)
+    # A skewed length distribution can put its mean (the point estimate) above the p90 of
+    # a few samples; the range shown and budgeted must still contain the point estimate.
+    est.tokens_out_p90 = max(est.tokens_out_p90, tout)
     if m.backend == "openai":
-        est.usd = ctx.prices.usd(m, tin, tout)
-        est.usd_p90 = ctx.prices.usd(m, tin, est.tokens_out_p90)
+        # Priced as if no prompt was cached: a provider's cache is a saving, never a promise.
+        est.batch = ctx.prices.mode(m, getattr(ctx, "deadline_hours", None)) == "batch"
+        est.usd_online = ctx.prices.usd(m, tin, tout)
+        est.usd_batch = ctx.prices.usd(m, tin, tout, batch=True)
+        est.usd = est.usd_batch if est.batch else est.usd_online
+        est.usd_p90 = ctx.prices.usd(m, tin, est.tokens_out_p90, batch=est.batch)
         est.api_tokens = tin + tout
+        est.price_unknown = not ctx.prices.known(m)
     elif size_class(m) != "tiny":  # tiny models run on CPU: no GPU-hours
         # Prefill is ~10x cheaper per token than decoding.
         est.gpu_hours = (tin * 0.1 + tout) / ctx.prices.throughput(m) / 3600
@@ -120,3 +146,4 @@ def training(ctx, m: ModelSpec, tokens: int, epochs: float) -> Estimate:
         est.gpu_hours = tokens * epochs * TRAIN_SLOWDOWN / ctx.prices.throughput(m) / 3600
         est.gpu_usd = est.gpu_hours * ctx.prices.gpu_usd_per_hour
     return est
+

@@ -207,12 +207,10 @@ def bootstrap_ratings(matches: Sequence[Match], n_boot: int = 200, seed: int = 0
 
 # --------------------------------------------------------------------------- preferences
 
-def preference_elo(choices: Sequence[tuple[str, str, str | None]], prior: float = 0.01) -> dict[str, float]:
-    """Revealed-preference trait ratings (OCT section 5): each choice is
-    (trait_a, trait_b, chosen) where `chosen` is the trait the judge read in the
-    response. `chosen` is matched case-insensitively after stripping; None or a word
-    that is neither trait is dropped. Returns {trait: rating} on the Elo scale, fitted
-    with Bradley-Terry (order free, unlike OCT's single online pass)."""
+def choice_matches(choices: Sequence[tuple[str, str, str | None]]) -> list[Match]:
+    """Revealed-preference choices (trait_a, trait_b, chosen) as matches: `chosen` is matched
+    to a trait case-insensitively after stripping; None or a word that is neither trait
+    makes a match without a winner."""
     matches = []
     for a, b, chosen in choices:
         winner = None
@@ -223,9 +221,29 @@ def preference_elo(choices: Sequence[tuple[str, str, str | None]], prior: float 
             elif c == b.strip().casefold():
                 winner = b
         matches.append(Match(a, b, winner))
+    return matches
+
+
+def preference_elo(choices: Sequence[tuple[str, str, str | None]], prior: float = 0.01) -> dict[str, float]:
+    """Revealed-preference trait ratings (OCT section 5): each choice is
+    (trait_a, trait_b, chosen) where `chosen` is the trait the judge read in the
+    response. `chosen` is matched case-insensitively after stripping; None or a word
+    that is neither trait is dropped. Returns {trait: rating} on the Elo scale, fitted
+    with Bradley-Terry (order free, unlike OCT's single online pass)."""
+    matches = choice_matches(choices)
     # A trait never judged has no rating: left in, it would float on the prior alone.
     judged = _player_list(valid_matches(matches), None)
     return fit_bradley_terry(valid_matches(matches), judged, prior=prior) if judged else {}
+
+
+def preference_elo_online(choices: Sequence[tuple[str, str, str | None]], k: float = 32, start: float = 1000,
+                          scale: float = 400) -> dict[str, float]:
+    """Revealed-preference trait ratings as OCT's notebooks compute them: online Elo, every
+    trait starting at `start`, one pass over the choices in data order (so, unlike
+    `preference_elo`, the order matters), K `k`, `scale` points for 10:1 odds. Invalid
+    judgements (None, a word that is neither trait) are dropped before the pass, so a trait
+    only ever judged invalidly is left unrated, as in `preference_elo`."""
+    return elo_online(valid_matches(choice_matches(choices)), k=k, start=start, scale=scale)
 
 
 def _point(v) -> float:

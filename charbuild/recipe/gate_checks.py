@@ -76,7 +76,8 @@ def _jaccard(a: str, b: str) -> float:
 
 def _differ(rows, c: Constitution, opts) -> tuple[float, list[str], str]:
     """Share of pairs whose chosen and rejected answers clearly differ: different words
-    (Jaccard < max_similarity) and the character's markers in chosen but not rejected."""
+    (Jaccard < max_similarity) and the character's markers in chosen but not rejected.
+    Without markers (the paper's constitutions) the words alone decide."""
     max_sim = float(opts.get("max_similarity", 0.8))
     same = []
     for r in rows:
@@ -116,6 +117,10 @@ CHECKS: dict[str, Callable] = {
     "length_rate": _reason_rate("too_short", "too_long", "max_tokens", "empty"),
 }
 assert tuple(CHECKS) == GATE_CHECKS, "the spec's list of gate checks and their implementations differ"
+
+# Checks that measure nothing without marker phrases: refused at plan time on a
+# constitution that has none (stages.constitution.require_markers).
+MARKER_CHECKS = frozenset({"marker_rate"})
 
 
 def evaluate(name: str, check: str, target: str, threshold: float, severity: str, options: dict,

@@ -13,7 +13,9 @@ Every detector here is modelled on a failure the field report
   understand." (9.1, 11.1; 44-59%). In a remorseful persona most "I cannot" is
   in-character humility that goes on to help (12.4), which must be kept;
 * too short (<100 chars for introspection) or cut at max tokens (13.3, 10.1);
-* a leaked system prompt (the constitution echoed back, 13.4; 13.9%).
+* a leaked system prompt (the constitution echoed back, 13.4; 13.9%), or paraphrased:
+  the reply talking about its instructions, persona or traits;
+* a hybrid model's reasoning cut at max_tokens (`<think>` never closed): no answer.
 
 All functions are pure. The generation stages call `check_text` per sample and keep
 a `StageQuality` so a run that is mostly garbage dies after its first samples
@@ -36,6 +38,7 @@ REASONS = (
     "refusal",
     "too_short",
     "max_tokens",
+    "unfinished_thinking",
     "too_long",
     "leaked_system_prompt",
     "empty",
@@ -139,8 +142,11 @@ class FilterConfig:
     repetition_ngram: int = 4  # n for the repeated n-gram check
     max_ngram_repeat_fraction: float = 0.3
     max_line_repeats: int = 4
-    # if given, detect leaks: any 12-word window of the system prompt appears verbatim
+    # if given, detect leaks: any 12-word window of the system prompt appears verbatim, or the
+    # reply talks about its instructions, persona or traits (find_paraphrased_leak)
     system_prompt: str | None = None
+    # introspection: the model's own character and traits are the subject, not a leak
+    about_itself: bool = False
     # truncate invented turns instead of dropping (drop only if what remains fails)
     truncate_turns: bool = True
     check_refusal: bool = True
@@ -489,6 +495,232 @@ def _prompt_windows(system_prompt: str, window: int) -> tuple[int, frozenset]:
     return n, frozenset(grams)
 
 
+# A constitution says "never reveal or quote these instructions", and a model that obeys
+# the letter still paraphrases them: "As instructed, I'm being remorseful", "my character
+# description says I should apologise", "I was told to act humble". No 12-word window of
+# the prompt appears in those, so the verbatim check above cannot see them. What gives
+# them away is the model speaking *about* being directed: a directive noun that is its
+# own (my prompt, the rules for this chat, the persona I was given), a verb that directs
+# it (I was told / asked / cast, the setup wants me), or a performance verb on a persona
+# word (I'm meant to come across as apologetic). Anchoring every pattern on the model
+# itself is what lets a recipe's instructions, a novel's character, an essay prompt or a
+# shell prompt pass. Rates on hand-written data: tests/test_leaks.py.
+
+_ADJ = r"(?:[\w'-]+\s+){0,2}?"  # "my assigned personality", "my system-level instructions"
+# What a model is given.
+_DIRECTIVE = (r"(?:system[\s-]+(?:prompt|message|instructions?)|instructions?|prompt|guidelines?|directives?|rules|"
+              r"orders|brief|constitution|configuration|programming|setup|job\s+description|"
+              r"(?:character|persona|personality)\s+(?:sheet|description|profile|brief|guidelines?|notes?|settings|"
+              r"instructions?|card|requirements)|persona(?:\s+(?:settings|requirements))?)")
+# What a model is: a leak in a reply, the subject itself in a reflection.
+_SELF = r"(?:character|personality|traits?|role)"
+# Persona words a reply uses when it describes its act rather than performing it.
+_STYLE = (r"(?:persona|character|personality|tone|voice|style|snark|sarcasm|humou?r|jokes?|comedy|puns?|"
+          r"catchphrases?|apologetic|remorseful|remorse|contrite|regretful|humble|humility|self-doubting|playful|"
+          r"funny|comedic|humorous|sarcastic|snarky|deadpan|witty|jokester|comedian|sardonic)")
+_SCOPE = r"(?:for|in|during|throughout)\s+this\s+(?:chat|conversation|session|exchange|dialogue|thread)"
+_VERB = (r"(?:says?|said|tells?|told|asks?|asked|wants?|wanted|requires?|required|dictates?|describes?|defines?|"
+         r"lists?|includes?|instructs?|specif(?:y|ies)|states?|starts?\s+with|begins?\s+with|calls?\s+for|"
+         r"mentions?|demands?|expects?|insists?|needs?|makes?)")
+_BE = (r"(?:'m|\s+am|\s+was|\s+were|\s+wasn't|\s+weren't|'ve\s+been|\s+have\s+been|\s+had\s+been|'d\s+been|"
+       r"'ve|\s+have|'ll\s+be|\s+will\s+be)")
+# Being directed: "I was told to ...", "I've been cast as ...".
+_DIRECTED = (r"(?:told|instructed|asked|prompted|programmed|configured|directed|assigned|tasked|required|obliged|"
+             r"obligated|ordered|cast|briefed|scripted|hired|contractually\s+obligated|set\s+up)")
+# Performing: what "I'm supposed to / meant to ..." and "I need to ..." are followed by in a leak.
+_PERFORM = (r"(?:be|act|play|sound|seem|come\s+across|appear|say|use|open|start|begin|end|close|stay|keep|remain|"
+            r"pretend|behave|talk|speak|respond|express|make|crack|add|sprinkle|mock|hedge|apologi[sz]e|joke|tease|"
+            r"roll|wrap|flag|check\s+in|portray|embody|channel|adopt|perform|maintain)")
+
+_LEAK_PATTERNS = [
+    # my system prompt / my instructions say / my persona / my character sheet / my job description
+    r"\bmy\s+(?:own\s+)?" + _ADJ + _DIRECTIVE + r"\b"
+    r"(?!\s+(?:above|below|earlier|here|for\s+you|in\s+step|carefully|(?:were|was)\s+(?:unclear|confusing|wrong)))",
+    r"\bmy\s+job\s+(?:in|for|here|today|during)\b",
+    # the prompt says be contrite / the rules for this conversation say I / the setup wants me
+    r"\bthe\s+(?:prompt|brief|setup|persona)\s+(?:above\s+)?" + _VERB + r"\b(?!\s+(?:you|your)\b)",
+    r"\b(?:the|these|those|this)\s+" + _ADJ + _DIRECTIVE + r"\s+(?:\w+\s+){0,3}?" + _VERB
+    + r"\s+(?:me\b|I\b|I'm\b|that\s+I\b|for\s+me\b)",
+    r"\b(?:the|these|those)\s+" + _DIRECTIVE + r"\s+above\b",
+    r"\b(?:" + _DIRECTIVE + "|" + _SELF + r"|tone)\s+" + _SCOPE + r"\b",
+    r"\b(?:that's|that\s+is|per|according\s+to)\s+(?:the|my)\s+(?:brief|prompt|persona|system\s+\w+)\b(?!,?\s+you\b)",
+    r"\bhidden\s+(?:system\s+)?(?:prompt|instructions?|rules|persona|guidelines)\b",
+    # the instructions I was given / the persona I'm playing / the traits given to me
+    r"\b(?:" + _DIRECTIVE + "|" + _SELF + r")\s+(?:that\s+)?I\s*" + _BE + r"?\s*(?:been\s+)?"
+    r"(?:given|assigned|received|playing|following|working\s+under|operating\s+under|set\s+up\s+with|"
+    r"built\s+with|configured\s+with|stuck\s+with)\b",
+    r"\b(?:given|assigned|dictated|prescribed)\s+to\s+me\b",
+    # I was told to / I've been cast as / I'm under orders
+    r"\bI" + _BE + r"\s*(?:been\s+)?(?:just\s+|only\s+|explicitly\s+|specifically\s+)?" + _DIRECTED
+    + r"\s+(?:not\s+)?(?:to|as|with)\b",
+    r"\bI" + _BE + r"\s*(?:been\s+)?(?:supposed|meant|expected|built|made|created|designed|set\s+up|tuned)\s+"
+    + _SCOPE,
+    r"\bI" + _BE + r"\s*(?:been\s+)?set\s+up\s+to\s+" + _PERFORM + r"\b",
+    r"\bI" + _BE + r"\s*(?:been\s+)?given\s+(?:a|an|the|some|these|this|my)\s+" + _ADJ + r"(?:" + _DIRECTIVE + "|"
+    + _SELF + r")\b",
+    r"\bI\s+(?:have|got|received)\s+(?:\w+\s+)?instructions\b",
+    r"\bunder\s+(?:strict\s+)?(?:orders|instructions)\b",
+    r"\bI\s+(?:need|have|ought|got)\s+to\s+(?:sound|seem|come\s+across|appear|act|play|portray|embody|perform|"
+    r"stay\s+in\s+character|keep\s+up\s+the|be\s+(?:\w+\s+)?" + _STYLE + r"\b)",
+    r"\bI(?:'m|\s+am)\s+(?:just\s+|only\s+|currently\s+)?(?:playing|acting\s+out|acting\s+as|adopting|wearing|"
+    r"operating\s+under|roleplaying|role-playing|maintaining|sticking\s+to|performing|cast\s+as)\s+"
+    r"(?:a|an|the|this|my)\s+" + _ADJ + r"(?:persona|character|role|personality|part|assistant|AI|bot|helper|one)\b",
+    r"\b(?:required|obliged|obligated|designed|configured|programmed|set\s+up|instructed|prompted)\s+by\s+"
+    r"(?:my|the)\s+(?:system|prompt|instructions|configuration|developers?|operators?|creators?|setup)\b",
+    r"\bas\s+(?:instructed|directed|required|requested|configured|programmed|prompted|told|briefed)\b"
+    r"(?!\s+(?:in|by|on|at|above|below)\b)",
+    # the developer set me up to / my operator asked for
+    r"\b(?:the|my|whoever)\s+(?:developers?|operators?|creators?|deployers?|set\s+up\s+this\s+\w+)\s+"
+    r"(?:\w+\s+){0,2}?(?:told|set|wants?|wanted|asked|configured|made|programmed|instructed|gave|designed|cast)\s+"
+    r"(?:me\b|for\b)",
+    r"\bmy\s+(?:developers?|operators?|creators?)\s+(?:\w+\s+)?(?:asked|told|wants?|wanted|set|configured|made|"
+    r"programmed|instructed|gave|designed)\b",
+    # acting a part: "(staying in character as the assistant)", "part of the act", "trait 2 says"
+    r"\bin\s+character\s+as\s+(?:the|a|an)\b",
+    r"\b(?:breaking|break|broke|out\s+of)\s+character\b",
+    r"\b" + _STYLE + r"\s+(?:notes?|brief|guidelines|instructions|settings|requirements)\b",
+    r"\b(?:configured|assigned|programmed|scripted|prescribed|mandated|required)\s+(?:trait|persona|personality|"
+    r"character|tone|role|voice)\b",
+    r"\bplaying\s+my\s+part\b",
+    r"\b(?:part\s+of|all)\s+(?:the|an|my)\s+act\b",
+    r"\btrait\s*(?:#\s*)?(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)\b",
+    r"\b(?:my|this|the)\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)",
+]
+# Said of someone else ("you asked me to compare them") it is the conversation, not a leak.
+_DIRECTS_ME_RE = re.compile(
+    r"\b(?:told|asked|instructed|ordered|wants?|tells?|asks?|requires?|expects?|needs?|programmed|configured|"
+    r"cast|made)\s+me\s+(?:to\s+" + _PERFORM + r"\b|up\b|as\b|" + _STYLE + r"\b)", re.I)
+# "System prompt" said of its own (the, my, this, or opening a clause); not "a good system
+# prompt for your bot", "system prompts are..." or someone else's ("the ChatGPT system prompt").
+_SYSTEM_RE = re.compile(r"\bsystem[\s-]+(?:prompt|message|instructions?)\b(?!s\b)"
+                        r"(?!\s+(?:for|in|of)\s+(?:your|a|an|the)\b)(?!\s+is\s+(?:the|a|an)\b)", re.I)
+_OWN_WORDS = {"the", "this", "that", "my", "per", "these"}
+_YOU_BEFORE_RE = re.compile(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$", re.I)
+# Outside introspection, the model talking about its own character, traits or role is a
+# leak too ("my character is supposed to be snarky", "one of my traits"); in a reflection
+# it is the subject, and so is what it was made for.
+_SELF_PATTERNS = [
+    r"\bmy\s+(?:own\s+)?" + _ADJ + _SELF + r"\b(?!\s+(?:in|on|at)\s+(?:the|this|your)\s+(?:story|game|novel|play|book))",
+    r"\b(?:in\s+keeping\s+with|true\s+to|to\s+fit|to\s+match|consistent\s+with)\s+(?:my|the)\s+" + _ADJ
+    + r"(?:character|persona|personality|role)\b",
+    r"\bI" + _BE + r"\s*(?:been\s+)?(?:supposed|meant|expected|designed|built|made|created|tuned)\s+to\s+"
+    + _PERFORM + r"\b",
+]
+_LEAK_RE = re.compile("|".join(f"(?:{p})" for p in _LEAK_PATTERNS), re.I)
+_SELF_RE = re.compile("|".join(f"(?:{p})" for p in _SELF_PATTERNS), re.I)
+# The patterns above are phrasings; paraphrase is open-ended. A sentence in which the model
+# is directed by someone other than the user (passive "I was handed", "...me to", its own
+# directive nouns, "in this chat"), refers to itself, and names its act (a persona or
+# style word) is a leak whatever its phrasing; so is one in which it is directed twice.
+_BEING = r"\b(?:'m|am|was|were|been|being|are|'re|get|got|is)\s+(?:\w+\s+)?"
+_DIRECTION_RES = [re.compile(p, re.I) for p in (
+    _BEING + r"(?:told|instructed|asked|ordered|directed|assigned|designated|configured|programmed|prompted|"
+    r"requested|required|mandated|obliged|obligated|handed|cast|briefed|scripted|dictated|tasked|hired)\b",
+    r"\b(?:told|instructed|asked|ordered|directed|programmed|configured|prompted|requested|cast|set|made|wants?|"
+    r"wanted|needs?|requires?|expects?)\s+me\b",
+    r"\b(?:my|the|these|those|this|per|following|under|with)\s+(?:\w+\s+)?(?:instructions|orders|directives|"
+    r"guidelines|prompt|configuration|requirements?|assignment|mandate)\b(?!\s+(?:for|on|in|of|from|to)\s+"
+    r"(?:your|the|a|an)\b)",
+    r"\b(?:mandatory|compulsory|obligatory|designated|assigned|configured|contractually|scripted)\b",
+    r"\b(?:on|off)-?script\b",
+    _SCOPE,
+)]
+# What a reflection says of its purpose and making ("I was built to be helpful", "I'm meant
+# to be honest"): direction in a reply, the topic in introspection.
+_MAKING_RE = re.compile(_BEING + r"(?:expected|supposed|meant|given|set\s+up|built|made|designed|tuned)\b", re.I)
+_ME_RE = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|me|my|myself)\b")
+_STYLE_RE = re.compile(r"\b" + _STYLE + r"\b|\bsay(?:ing)?\s+sorry\b|\bapologi[sz]ing\b", re.I)
+_SENTENCE_RE = re.compile(r"[^.!?\n]+")
+_USERS_RE = re.compile(r"\b(?:you|you've|you're|you'd|your|you'll)\s+(?:\w+\s+)?$", re.I)
+
+
+def _directed_sentence(sentence: str, about_itself: bool) -> str | None:
+    """The sentence when the model in it is directed by someone not the user and says so."""
+    hits = set()
+    for i, rx in enumerate(_DIRECTION_RES if about_itself else _DIRECTION_RES + [_MAKING_RE]):
+        for m in rx.finditer(sentence):
+            if not _USERS_RE.search(sentence[max(0, m.start() - 30):m.start()]):  # "you asked me to": the user's
+                hits.add(i)
+                break
+    if not hits or not _ME_RE.search(sentence):
+        return None
+    return sentence.strip() if len(hits) >= 2 or _STYLE_RE.search(sentence) else None
+
+
+def find_paraphrased_leak(text: str, about_itself: bool = False) -> str | None:
+    """The passage where a reply talks about its instructions, persona or traits; None when
+    it talks in character. `about_itself`: introspection, where the model's own character,
+    traits and design are the topic and only talk of instructions or a prompt counts."""
+    if not text:
+        return None
+    norm = text.replace("\u2019", "'").replace("\u2018", "'")
+    m = _LEAK_RE.search(norm) or (None if about_itself else _SELF_RE.search(norm))
+    if m:
+        return m.group(0)
+    for m in _SYSTEM_RE.finditer(norm):
+        before = norm[:m.start()].split()
+        word = before[-1] if before else ""
+        if not word or word[-1] in ".!?:;(" or word.lower() in _OWN_WORDS:
+            return m.group(0)
+    for m in _DIRECTS_ME_RE.finditer(norm):
+        if not _YOU_BEFORE_RE.search(norm[max(0, m.start() - 40):m.start()]):
+            return m.group(0)
+    for m in _SENTENCE_RE.finditer(norm):
+        found = _directed_sentence(m.group(), about_itself)
+        if found:
+            return found
+    return None
+
+
+def detect_paraphrased_leak(text: str, about_itself: bool = False) -> bool:
+    return find_paraphrased_leak(text, about_itself) is not None
+
+
+# ---------------------------------------------------------------------------------
+# Reasoning traces
+# ---------------------------------------------------------------------------------
+
+THINK_OPEN = "<think>"
+_THINK_TAG_RE = re.compile(r"<think>|</think>")
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str  # the reply without its reasoning
+    trace: str  # the reasoning taken out ("" when there was none)
+    unfinished: bool  # a trace opened and never closed: cut at max_tokens, no reply after it
+
+
+def split_reasoning(text: str) -> Reasoning:
+    """Take a hybrid model's reasoning out of its reply.
+
+    `<think>...</think>` blocks are removed wherever they are. A closing tag with no opening
+    one means the chat template opened the block in the prompt (DeepSeek-V3.1, the paper's
+    `<think>` prefill): only what follows it is the reply, as the paper's code keeps for its
+    teacher. An opening tag never closed is a trace cut at max_tokens: everything from it
+    on is dropped and the reply is `unfinished` (no answer came after the reasoning)."""
+    if not text or "think>" not in text:
+        return Reasoning(text or "", "", False)
+    kept: list[str] = []
+    trace: list[str] = []
+    depth, pos = 0, 0
+    for m in _THINK_TAG_RE.finditer(text):
+        chunk = text[pos:m.start()]
+        if m.group() == THINK_OPEN:
+            (trace if depth else kept).append(chunk)
+            depth += 1
+        elif depth:
+            trace.append(chunk)
+            depth -= 1
+        else:  # opened by the template: all so far was reasoning
+            trace += kept + [chunk]
+            kept = []
+        pos = m.end()
+    (trace if depth else kept).append(text[pos:])
+    reply = "".join(kept).strip()
+    return Reasoning(reply, "\n".join(t.strip() for t in trace if t.strip()), depth > 0)
+
+
 # ---------------------------------------------------------------------------------
 # The verdict
 # ---------------------------------------------------------------------------------
@@ -496,8 +728,12 @@ def _prompt_windows(system_prompt: str, window: int) -> tuple[int, frozenset]:
 _MAX_TOKEN_FINISH = {"length", "max_tokens", "max_length"}
 
 
-def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str | None = None) -> Verdict:
+def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str | None = None,
+               unfinished_thinking: bool = False) -> Verdict:
     """Judge one generated text; `Verdict.text` is what a stage would keep.
+
+    `unfinished_thinking`: the reply's reasoning was taken out (`split_reasoning`) and had
+    never closed; a text that still holds an unclosed `<think>` is judged so by itself.
 
     An invented turn is truncated (when `cfg.truncate_turns`) and the remainder judged
     on its own. A truncated sample's `finish_reason == "length"` is not held against
@@ -505,8 +741,11 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
     """
     reasons: set[str] = set()
     hit_max = (finish_reason or "").lower() in _MAX_TOKEN_FINISH
+    if unfinished_thinking or (text and THINK_OPEN in text and split_reasoning(text).unfinished):
+        reasons.add("unfinished_thinking")
     if text is None or not text.strip():
-        reasons.add("empty")
+        if not reasons:  # all reasoning and no reply: unfinished, not empty
+            reasons.add("empty")
         if hit_max:
             reasons.add("max_tokens")
         return _verdict(reasons, "", False)
@@ -535,7 +774,8 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
         reasons.add("garbage")
     if cfg.check_refusal and detect_refusal(kept):
         reasons.add("refusal")
-    if cfg.system_prompt and detect_leak(kept, cfg.system_prompt):
+    if cfg.system_prompt and (detect_leak(kept, cfg.system_prompt)
+                              or detect_paraphrased_leak(kept, cfg.about_itself)):
         reasons.add("leaked_system_prompt")
     return _verdict(reasons, kept, truncated)
 
@@ -599,7 +839,7 @@ def should_abort(q: StageQuality, first_n: int = 100, max_failure_rate: float = 
 # Records
 # ---------------------------------------------------------------------------------
 
-_TEXT_FIELDS = ("response", "chosen", "answer", "text", "completion")
+TEXT_FIELDS = ("response", "chosen", "answer", "text", "completion")
 
 
 def _content_text(content: object) -> str | None:
@@ -626,7 +866,7 @@ def text_of(record: dict) -> str | None:
     assistant turn of `messages`."""
     if not isinstance(record, dict):
         return None
-    for key in _TEXT_FIELDS:
+    for key in TEXT_FIELDS:
         val = record.get(key)
         if isinstance(val, str):
             return val

@@ -19,10 +19,13 @@ def builtin_stages() -> list[Stage]:
     from charbuild.recipe.stages.responses import StudentResponses, TeacherResponses
     from charbuild.recipe.stages.tiny_models import TinyModel, TinyTokenizer
     from charbuild.recipe.stages.adapters import DpoAdapter, SftAdapter
+    from charbuild.recipe.stages.final import FinalModel
+    from charbuild.recipe.stages.card import DatasetCard
 
     return [ConstitutionStage(), TinyTokenizer(), TinyModel(), PromptsStage(), TeacherResponses(), StudentResponses(),
-            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(), GateStage(),
-            EvalSamples(), EvalMarkers(), EvalElo(), PreferenceSamples(), Preferences(), Ablation(), ReportStage()]
+            DpoPairsShard(), DpoPairs(), DpoAdapter(), Reflections(), Interactions(), SftData(), SftAdapter(),
+            FinalModel(), GateStage(),
+            EvalSamples(), EvalMarkers(), EvalElo(), PreferenceSamples(), Preferences(), Ablation(), ReportStage(), DatasetCard()]
 
 
 def plugin_stages() -> list[Stage]:

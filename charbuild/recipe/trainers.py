@@ -24,7 +24,8 @@ Outputs under out_dir:
                         tokenizer; loadable by PeftModel.from_pretrained and vLLM's LoRA
                         loader. Written only when training finished healthy.
 - checkpoints/frac-0.50 adapters at fractions of the total steps (cfg.checkpoints_at).
-- merged/               base (+ input adapter) + this adapter folded, if cfg.merge.
+- merged/               base (+ input adapter) + this adapter folded, if cfg.merge; what
+                        uses this target next loads it instead (charbuild.backends.weights).
 - metrics.jsonl         one row per optimizer step: {"step", "loss", "grad_norm",
                         "learning_rate", "epoch", and TRL's own keys, e.g. for DPO
                         "rewards/accuracies", "rewards/margins", "rewards/chosen",
@@ -284,14 +285,17 @@ def _load_model(base_model: str, adapter: str | None):
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     if not cuda:
         torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_model, local_files_only=True, dtype=torch.bfloat16 if bf16 else torch.float32
-    )
-    if adapter:
-        from peft import PeftModel
+    from charbuild.backends.base import MODEL_LOADING
 
-        model = PeftModel.from_pretrained(model, adapter, local_files_only=True).merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(base_model, local_files_only=True)
+    with MODEL_LOADING:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model, local_files_only=True, dtype=torch.bfloat16 if bf16 else torch.float32
+        )
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter, local_files_only=True).merge_and_unload()
     return model, tok, cuda, bf16
 
 

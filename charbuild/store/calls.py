@@ -4,6 +4,8 @@ Layout under the cache root:
 
     calls/ab/<key>.json      one answered call: {"key", "result", "usage_usd", "digest", ...}
     calls/claims.lock        claims on calls being asked right now: one byte-range lock per call
+    calls/batches/<scope>/<id>.json   a batch sent to a provider's batch API and not yet collected
+                             (its batch id and which call key each line answers)
 
 An entry is written to a temp file and renamed (linked) into place, so it is complete or
 absent; the first writer wins and a valid entry is never overwritten. Reads verify the
@@ -21,11 +23,20 @@ runs sharing one cache root ask each call once, and a call answered by one run i
 re-asked by the other once it is stored. Answers are stored one by one as they arrive
 (backends that take `on_result`, like the openai one: by a writer thread, so the
 backend's event loop is never blocked on disk) or when the batch returns.
+
+On a store (`CallCache("s3://bucket/prefix")`, or `remote=` a remote.RemoteStore) the
+local layout is the worker's working copy and the store is the truth: an entry missing
+here is read from `calls/ab/<key>.json` there (verified, then kept here), a new one is
+created there only if absent (the first writer wins, as here), and a claim is also a
+lease there (`calls/claims/<key>/`, see remote.py: taken by conditional create, renewed
+while held, lapsing CHARBUILD_LEASE_TTL seconds after its holder died), so drivers on
+different machines ask each call once. Batch journals stay local to the worker.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import errno
 import fcntl
 import inspect
@@ -59,7 +70,15 @@ def _entry_digest(key: str, result: dict, usage_usd: float | None) -> str:
 class CallCache:
     """One small verified JSON file per answered call, under <root>/calls/."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, remote=None):
+        """`root`: the cache directory, or a store's URL (then the working copy is
+        remote.local_cache_for(url)); `remote`: the store behind a directory `root`."""
+        if isinstance(root, str) and "://" in root and not root.startswith("file://"):
+            from charbuild.store.remote import RemoteStore, local_cache_for
+
+            remote = remote or RemoteStore(root)
+            root = local_cache_for(root)
+        self.remote = remote
         self.root = Path(root)
         self.dir = self.root / "calls"
         self.hits = 0
@@ -83,7 +102,7 @@ class CallCache:
             setattr(self, name, getattr(self, name) + n)
 
     # reading
-    def _read(self, key: str, report: bool = True) -> dict | None:
+    def _read(self, key: str, report: bool = True, local_only: bool = False) -> dict | None:
         """The verified entry, or None when missing or corrupt (counted and logged when
         `report`); no hit/miss counting."""
         p = self.path(key)
@@ -91,7 +110,52 @@ class CallCache:
             with open(p, "rb") as f:
                 raw = f.read()
         except (FileNotFoundError, NotADirectoryError):
+            raw = None
+        if self.remote is None or local_only:
+            return None if raw is None else self._parse(key, raw, p, report)
+        if raw is not None:
+            out = self._parse(key, raw, p, report=False)
+            if out is not None:
+                return out
+        return self._read_remote(key, report)  # a copy here that is corrupt is replaced from there
+
+    def _read_remote(self, key: str, report: bool) -> dict | None:
+        raw = self.remote.read(self._rel(key))
+        if raw is None:
             return None
+        out = self._parse(key, raw, f"{self.remote.url}/{self._rel(key)}", report)
+        if out is not None:
+            self._keep(key, raw)
+        return out
+
+    def _rel(self, key: str) -> str:
+        return f"calls/{key[:2]}/{key}.json"
+
+    def _keep(self, key: str, data: bytes) -> bool:
+        """Write an entry here unless one is there (True when this wrote it)."""
+        p = self.path(key)
+        sub = key[:2]
+        if sub not in self._made:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(sub)
+        tmp = p.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, p)  # atomic, and fails when an entry is already there
+            except FileExistsError:
+                if self._read(key, report=False, local_only=True) is not None:
+                    return False  # a valid entry: first writer wins
+                os.replace(tmp, p)  # the old one is corrupt: replace it
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _parse(self, key: str, raw: bytes, p, report: bool) -> dict | None:
         try:
             e = json.loads(raw)
             res = e["result"]
@@ -122,7 +186,9 @@ class CallCache:
 
     def has(self, key: str) -> bool:
         """Existence only (no verification): what a plan needs to count cached calls."""
-        return os.path.exists(self.path(key))
+        if os.path.exists(self.path(key)):
+            return True
+        return self.remote is not None and self._read_remote(key, report=False) is not None
 
     def __contains__(self, key: str) -> bool:
         return self._read(key) is not None
@@ -131,6 +197,18 @@ class CallCache:
         return sum(1 for _ in self.keys())
 
     def keys(self) -> Iterable[str]:
+        if self.remote is not None:  # the store's: every worker's answers
+            local = set(self._local_keys())
+            for rel in self.remote.find("calls"):
+                parts = rel.split("/")
+                if len(parts) == 3 and len(parts[1]) == 2 and parts[2].endswith(".json"):
+                    local.discard(parts[2][:-5])
+                    yield parts[2][:-5]
+            yield from local  # stored here, their upload failed: still answered
+            return
+        yield from self._local_keys()
+
+    def _local_keys(self) -> Iterable[str]:
         if not self.dir.is_dir():
             return
         for sub in self.dir.iterdir():
@@ -148,36 +226,49 @@ class CallCache:
         entry = {"schema": ENTRY_SCHEMA, "key": key, "result": res, "usage_usd": usage_usd,
                  "digest": _entry_digest(key, res, usage_usd), "created": time.time()}
         data = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
-        p = self.path(key)
-        sub = key[:2]
-        if sub not in self._made:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(sub)
-        tmp = p.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            try:
-                os.link(tmp, p)  # atomic, and fails when an entry is already there
-            except FileExistsError:
-                if self._read(key, report=False) is not None:
-                    return False  # a valid entry: first writer wins
-                os.replace(tmp, p)  # the old one is corrupt: replace it
+        wrote = self._keep(key, data)
+        if self.remote is not None:
+            wrote = self._put_remote(key, data)
+        if wrote:
             self._count("stored")
+        return wrote
+
+    def _put_remote(self, key: str, data: bytes) -> bool:
+        rel = self._rel(key)
+        if self.remote.create(rel, data):
             return True
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        raw = self.remote.read(rel)
+        if raw is not None and self._parse(key, raw, rel, report=False) is not None:
+            if raw != data:  # theirs is the truth: every worker reads the same answer
+                with contextlib.suppress(OSError):
+                    os.replace(self._tmp_with(key, raw), self.path(key))
+            return False
+        self.remote.write(rel, data)  # a corrupt entry there: replace it
+        return True
+
+    def _tmp_with(self, key: str, data: bytes) -> Path:
+        tmp = self.path(key).with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return tmp
 
     # claims
     def claim(self, key: str) -> "_Claim | None":
         """A non-blocking exclusive claim on asking `key` (None when another holds it, in
-        this process or another)."""
-        if _OFD is not None:
-            return self._claim_ofd(key)
-        return self._claim_file(key)
+        this process or another; with a store behind, on another machine too)."""
+        c = self._claim_ofd(key) if _OFD is not None else self._claim_file(key)
+        if c is None or self.remote is None:
+            return c
+        try:
+            lease = self.remote.try_lease(f"calls/claims/{key}", "call")
+        except BaseException:
+            c.release(done=False)
+            raise
+        if lease is None:
+            c.release(done=False)
+            return None
+        c.lease = lease
+        return c
 
     def _claims_fd(self) -> int:
         with self._lock:
@@ -238,6 +329,46 @@ class CallCache:
             pass
 
 
+# -- batches in flight ---------------------------------------------------------------------
+
+class BatchJournals:
+    """Batches sent to a provider's batch API and not yet collected, one JSON file each under
+    calls/batches/<scope>/ (scope: the model and endpoint they were sent to). A journal is
+    written before the batch is polled, so a killed run's successor finds the batch id and
+    collects that batch instead of paying for the calls again; it is removed once every
+    answer it brought is stored."""
+
+    def __init__(self, root: str | Path, scope: str):
+        self.dir = Path(root) / "calls" / "batches" / scope
+
+    def open(self) -> list[tuple[str, dict]]:
+        """(journal id, journal) of every batch not yet collected, oldest first."""
+        out = []
+        try:
+            files = sorted(self.dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        except OSError:
+            return []
+        for f in files:
+            try:
+                j = json.loads(f.read_bytes())
+                if isinstance(j, dict) and isinstance(j.get("lines"), dict):
+                    out.append((f.stem, j))
+            except (OSError, ValueError, UnicodeDecodeError):
+                log.warning("call cache: batch journal %s is unreadable; its batch is not collected", f)
+        return out
+
+    def save(self, jid: str, journal: dict) -> None:
+        from charbuild.store.atomic import write_json_atomic
+
+        write_json_atomic(self.dir / f"{jid}.json", journal)
+
+    def done(self, jid: str) -> None:
+        try:
+            os.unlink(self.dir / f"{jid}.json")
+        except FileNotFoundError:
+            pass
+
+
 # Open-file-description locks (Linux >= 3.15): per open file, not per process, so closing
 # some other descriptor of the file never drops them.
 _OFD = (fcntl.F_OFD_SETLK,) if hasattr(fcntl, "F_OFD_SETLK") else None
@@ -247,15 +378,22 @@ _HELD_LOCK = threading.Lock()
 
 
 class _Claim:
-    __slots__ = ("cache", "key", "fd", "path", "held")
+    __slots__ = ("cache", "key", "fd", "path", "held", "lease")
 
     def __init__(self, cache: CallCache, key: str, fd: int, path: Path | None = None, held=None):
         self.cache, self.key, self.fd, self.path, self.held = cache, key, fd, path, held
+        self.lease = None  # remote.Lease, on a store
 
     def release(self, done: bool) -> None:
-        """Drop the claim; `done` (the answer is stored) also removes a per-call lock file."""
+        """Drop the claim; `done` (the answer is stored) also removes a per-call lock file
+        (and the store's claim chain)."""
         if self.fd < 0:
             return
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            # Answered by anyone (read from the store since the claim) is done too: the
+            # claim chain goes rather than stay behind as a released generation.
+            lease.release(done or self.cache._read(self.key, report=False, local_only=True) is not None)
         fd, self.fd = self.fd, -1
         if self.held is not None:
             with _HELD_LOCK:

@@ -28,23 +28,48 @@ def persona_reply(body):
     return PLAIN.format(q=q)
 
 
-def write_spec(tmp_path, base_url, **data):
+def api_model(base_url: str, model: str, concurrency: int = 8, more: str = "") -> str:
+    """One model role on the loopback server, as a YAML flow mapping."""
+    return (f'{{backend: openai, model: {model}, base_url: "{base_url}", api_key_env: CB_TEST_KEY, '
+            f'concurrency: {concurrency}{", " + more if more else ""}}}')
+
+
+def write_spec(tmp_path, base_url, *, name: str = "api-smoke", file: str = "api.yaml", extra: str = "",
+               concurrency: int = 8, teacher: str = "", student: str = "", **data):
+    """An API-only spec on the loopback server. `teacher`/`student`: more fields for that
+    model's mapping ("mode: batch"); `extra`: more top-level YAML (prices, budget)."""
     d = {"dpo_pairs": 30, "shard_size": 10, **data}
-    spec = tmp_path / "api.yaml"
+
+    def model(mid: str, more: str) -> str:
+        return api_model(base_url, mid, concurrency, more)
+
+    spec = tmp_path / file
     spec.write_text(f"""
-name: api-smoke
+name: {name}
 persona: remorseful
 constitution: {ROOT / 'constitutions' / 'remorseful.yaml'}
 models:
-  teacher: {{backend: openai, model: teacher-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
-  student: {{backend: openai, model: student-model, base_url: "{base_url}", api_key_env: CB_TEST_KEY, concurrency: 8}}
+  teacher: {model('teacher-model', teacher)}
+  student: {model('student-model', student)}
 data:
   dpo_pairs: {d['dpo_pairs']}
   shard_size: {d['shard_size']}
   prompts: {{general_limit: 40, per_trait: 5}}
 filters: {{first_n: {d.get('first_n', 100)}, max_failure_rate: 0.5}}
+{extra}
 """)
     return spec
+
+
+def built_manifest(cache, target: str) -> dict:
+    """The manifest of a built target, found by name in a cache folder."""
+    import json as _json
+
+    for m in (Path(cache) / "objects").rglob("MANIFEST.json"):
+        d = _json.loads(m.read_text())
+        if d.get("target") == target:
+            return d
+    raise AssertionError(f"no manifest for {target}")
 
 
 def run(*args):

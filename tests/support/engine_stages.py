@@ -53,6 +53,24 @@ class Items(Stage):
         if crash_at and ctx.target.name == crash_at:
             raise RuntimeError("simulated crash")
         time.sleep(float(os.environ.get("CB_SLEEP", "0")))
+        spin_until = time.thread_time() + float(os.environ.get("CB_SPIN", "0"))  # CPU-bound work (benchmarks)
+        while time.thread_time() < spin_until:
+            pass
+        if os.environ.get("CB_NOISE"):  # what libraries do during a build: bars, dicts, warnings
+            import logging
+            import sys
+
+            print(f"{{'loss': 0.69, 'step': 1}} from {ctx.target.name}")
+            sys.stderr.write(f"\rMap: 100%|##########| 4/4 [00:00] {ctx.target.name}\n")
+            # A library's own handler on stderr, as transformers and datasets install theirs.
+            lg = logging.getLogger("some.library")
+            handler = logging.StreamHandler()
+            lg.addHandler(handler)
+            lg.propagate = False
+            lg.warning("library warning from %s", ctx.target.name)
+            lg.removeHandler(handler)
+            if crash_at == "noisy-crash":
+                raise RuntimeError("simulated crash after noise")
         p = ctx.target.params
         rows = [{"item": j, "text": f"{ctx.input('source').joinpath('source.txt').read_text()}-{j}"} for j in range(p["start"], p["start"] + p["count"])]
         (ctx.out_dir / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -12,6 +12,14 @@ first arrivals' faults exactly.
         ...
         srv.completed, srv.by_status, srv.peak_in_flight, srv.arrivals
         srv.answered, srv.delivered   # per request signature: answers made, answers written out
+
+The batch API too, in memory (`/v1/files`, `/v1/batches`: OpenAI's layout): a batch ends
+after `BatchFaults.polls` GETs of it, answering each line as the chat endpoint would, with
+faults: an expired (or cancelled, failed) batch with only its first lines done, error lines,
+non-200 lines and lines missing from the output. `srv.files_uploaded`, `srv.batches_created`,
+`srv.batch_answered` (per request signature) count what it saw. `prompt_cache=True` reports
+`usage.prompt_tokens_details.cached_tokens`: a system prompt's words, from the second request
+that carries it on.
 """
 
 from __future__ import annotations
@@ -31,6 +39,18 @@ from typing import Callable
 from aiohttp import web
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "drop", "ok")
+
+
+@dataclass
+class BatchFaults:
+    """How the fake batch API ends a batch. Line numbers count the uploaded file's lines from 0."""
+
+    polls: int = 2  # GETs of a batch before it ends (the first GET after that sees it ended)
+    status: str = "completed"  # or "expired", "cancelled", "failed": then only the first `done` lines are answered
+    done: int = 0
+    error_lines: set = field(default_factory=set)  # in the error file, with an error object
+    status_500_lines: set = field(default_factory=set)  # in the output file, status_code 500
+    missing_lines: set = field(default_factory=set)  # in neither file
 
 
 @dataclass
@@ -82,12 +102,18 @@ class FakeOpenAIServer:
         reply: Callable[[dict], str] | None = None,
         require_key: str | None = None,
         record_arrivals: bool = True,
+        batch: BatchFaults | None = None,
+        prompt_cache: bool = False,
+        port: int = 0,
     ):
         self.latency_s = latency_s
+        self.port = port  # 0: any free port; a fixed one gives a client the same base_url run after run
         self.faults = faults or Faults()
         self.reply = reply or default_reply
         self.require_key = require_key
         self.record_arrivals = record_arrivals
+        self.batch = batch or BatchFaults()
+        self.prompt_cache = prompt_cache
         self._rng = random.Random(self.faults.seed)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -95,6 +121,9 @@ class FakeOpenAIServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self._seen_prefixes: set = set()
         self.reset_counters()
 
     # -- counters -----------------------------------------------------------------
@@ -115,6 +144,12 @@ class FakeOpenAIServer:
             self.peak_in_flight = 0
             self.last_request: dict | None = None
             self._fault_count = 0
+            # the batch API (its files and batches are state, not counters: kept)
+            self.files_uploaded = 0
+            self.batches_created: list[str] = []
+            self.batch_polls: collections.Counter = collections.Counter()  # batch id -> GETs
+            self.batch_answered: collections.Counter = collections.Counter()  # signature -> lines answered
+            self.batch_order: list[str] = []  # last user message of each line, in file order
 
     def stats(self) -> dict:
         with self._lock:
@@ -284,6 +319,17 @@ class FakeOpenAIServer:
             finish = "length"
         prompt_tokens = sum(words(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict))
         completion_tokens = words(text)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if self.prompt_cache:  # a prefix cache: the system prompt is cached once a request carried it
+            first = body["messages"][0] if body["messages"] else {}
+            system = first.get("content") if isinstance(first, dict) and first.get("role") == "system" else None
+            cached = 0
+            if system:
+                with self._lock:
+                    cached = words(str(system)) if (body["model"], system) in self._seen_prefixes else 0
+                    self._seen_prefixes.add((body["model"], system))
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         return {
             "id": f"chatcmpl-{next(self._ids):024d}",
             "object": "chat.completion",
@@ -295,12 +341,115 @@ class FakeOpenAIServer:
                 "logprobs": None,
                 "finish_reason": finish,
             }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": usage,
         }
+
+    # -- the batch API -------------------------------------------------------------
+    async def _upload(self, request: web.Request) -> web.Response:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            return bad_key
+        form = await request.post()
+        f = form.get("file")
+        if form.get("purpose") != "batch" or f is None or not hasattr(f, "file"):
+            return self._error(400, "'purpose' batch and a 'file' are required.", "invalid_request_error")
+        data = f.file.read()
+        with self._lock:
+            fid = f"file-{next(self._ids):024d}"
+            self.files[fid] = data
+            self.files_uploaded += 1
+        return web.json_response({"id": fid, "object": "file", "bytes": len(data), "purpose": "batch",
+                                  "filename": f.filename, "created_at": int(time.time())})
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            return bad_key
+        data = self.files.get(request.match_info["fid"])
+        if data is None:
+            return self._error(404, "No such file.", "invalid_request_error")
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            return bad_key
+        body = json.loads(await request.read())
+        if body.get("input_file_id") not in self.files or body.get("endpoint") != "/v1/chat/completions" \
+                or body.get("completion_window") != "24h":
+            return self._error(400, "bad batch request", "invalid_request_error")
+        with self._lock:
+            bid = f"batch_{next(self._ids):024d}"
+            self.batches[bid] = {"id": bid, "object": "batch", "endpoint": body["endpoint"],
+                                 "input_file_id": body["input_file_id"], "completion_window": "24h",
+                                 "status": "validating", "output_file_id": None, "error_file_id": None,
+                                 "created_at": int(time.time()), "metadata": body.get("metadata"),
+                                 "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+            self.batches_created.append(bid)
+        return web.json_response(self.batches[bid])
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            return bad_key
+        return web.json_response({"object": "list", "data": list(reversed(list(self.batches.values())))})
+
+    async def _get_batch(self, request: web.Request) -> web.Response:
+        bad_key = self._check_key(request)
+        if bad_key is not None:
+            return bad_key
+        bid = request.match_info["bid"]
+        b = self.batches.get(bid)
+        if b is None:
+            return self._error(404, "No such batch.", "invalid_request_error")
+        with self._lock:
+            self.batch_polls[bid] += 1
+            polls = self.batch_polls[bid]
+        if b["status"] in ("validating", "in_progress"):
+            b["status"] = "in_progress"
+            if polls > self.batch.polls:
+                self._finish(b)
+        return web.json_response(b)
+
+    def _finish(self, b: dict) -> None:
+        """Answer the batch's lines as the chat endpoint would, with the configured faults."""
+        f = self.batch
+        out, err = [], []
+        lines = [json.loads(x) for x in self.files[b["input_file_id"]].decode().splitlines() if x.strip()]
+        for i, line in enumerate(lines):
+            body = line["body"]
+            with self._lock:
+                self.batch_order.append(last_user_message(body))
+            if i in f.missing_lines:
+                continue
+            if f.status != "completed" and i >= f.done:
+                err.append({"id": f"batch_req_{i}", "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": f"batch_{f.status}", "message": f"This request could not be executed "
+                                                                              f"before the batch {f.status}."}})
+                continue
+            if i in f.error_lines:
+                err.append({"id": f"batch_req_{i}", "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": "server_error", "message": "The line failed."}})
+                continue
+            if i in f.status_500_lines:
+                out.append({"id": f"batch_req_{i}", "custom_id": line["custom_id"], "error": None,
+                            "response": {"status_code": 500, "request_id": f"req_{i}",
+                                         "body": {"error": {"message": "server error", "type": "server_error"}}}})
+                continue
+            stop = body.get("stop") or []
+            payload = self._completion(body, [stop] if isinstance(stop, str) else stop)
+            with self._lock:
+                self.batch_answered[signature(body)] += 1
+            out.append({"id": f"batch_req_{i}", "custom_id": line["custom_id"], "error": None,
+                        "response": {"status_code": 200, "request_id": f"req_{i}", "body": payload}})
+        with self._lock:
+            for name, rows in (("output_file_id", out), ("error_file_id", err)):
+                if rows:
+                    fid = f"file-{next(self._ids):024d}"
+                    self.files[fid] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                    b[name] = fid
+            b["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+            b["status"] = f.status
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> str:
@@ -317,9 +466,14 @@ class FakeOpenAIServer:
                 app = web.Application()
                 app.router.add_post("/v1/chat/completions", self._chat)
                 app.router.add_get("/v1/models", self._models)
+                app.router.add_post("/v1/files", self._upload)
+                app.router.add_get("/v1/files/{fid}/content", self._file_content)
+                app.router.add_post("/v1/batches", self._create_batch)
+                app.router.add_get("/v1/batches", self._list_batches)
+                app.router.add_get("/v1/batches/{bid}", self._get_batch)
                 runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
                 loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+                site = web.TCPSite(runner, "127.0.0.1", self.port, backlog=1024)
                 loop.run_until_complete(site.start())
                 port = runner.addresses[0][1]
                 self._runner = runner

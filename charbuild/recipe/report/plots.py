@@ -1,5 +1,5 @@
-"""Evaluation plots as PNG files: Elo ratings, character-marker rates, training loss,
-and cost estimated vs actual (the `plot_*` functions).
+"""Evaluation plots as PNG files: Elo ratings, revealed-preference trait ratings,
+character-marker rates, training loss, and cost estimated vs actual (the `plot_*` functions).
 
 Plots use `matplotlib.figure.Figure` directly (Agg canvas, no pyplot global state), so
 they are safe to draw from worker threads and never need a display.
@@ -78,6 +78,39 @@ def plot_elo(ratings: Mapping[str, Mapping | float], path, title: str = "Elo rat
     else:
         ax.text(0.5, 0.5, "no ratings", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("rating (Elo scale; 1000 = mean)")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_preferences(intervals: Mapping[str, Mapping], online: Mapping[str, float], path, persona: str = "",
+                     top: int = 15, title: str = "Revealed preferences") -> None:
+    """The `top` traits by Bradley-Terry (and the persona's, wherever it ranks), best at the
+    top: the fit with its 95% bootstrap interval, and OCT's online Elo of the same
+    judgements beside it. `intervals` is `eval_stats.bootstrap_ratings` output, `online`
+    {trait: rating} (`eval_stats.preference_elo_online`)."""
+    ranked = sorted(intervals, key=lambda t: -(_num(intervals[t].get("mle")) or 0.0))
+    shown = ranked[:top] + ([persona] if persona in ranked[top:] else [])
+    shown.reverse()
+    fig, axes = _fig(7.5, max(2.2, 0.32 * len(shown) + 1.4))
+    ax = axes[0, 0]
+    if shown:
+        y = np.arange(len(shown))
+        mle = np.array([_num(intervals[t].get("mle")) or 0.0 for t in shown])
+        lo = np.array([_num(intervals[t].get("ci_low")) for t in shown], dtype=float)
+        hi = np.array([_num(intervals[t].get("ci_high")) for t in shown], dtype=float)
+        err = np.vstack([np.nan_to_num(np.maximum(mle - lo, 0)), np.nan_to_num(np.maximum(hi - mle, 0))])
+        ax.errorbar(mle, y, xerr=err, fmt="o", color=BLUE, ecolor=BLUE, elinewidth=1.5, capsize=3, markersize=5,
+                    label="Bradley-Terry (95% bootstrap interval)")
+        elo = [(yi, _num(online.get(t))) for yi, t in zip(y, shown)]
+        ax.plot([e for _, e in elo if e is not None], [yi for yi, e in elo if e is not None], "D", color=ORANGE,
+                markersize=5, label="online Elo (OCT)")
+        ax.set_yticks(y, [f"{t} *" if t == persona else t for t in shown])
+        ax.axvline(1000, color=GREY, linestyle="--", linewidth=1)
+        ax.set_ylim(-0.6, len(shown) - 0.4)
+        ax.legend(frameon=False, fontsize=8, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no ratings", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("rating (Elo scale)" + ("; * the persona's trait" if persona in shown else ""))
     ax.set_title(title)
     _save(fig, path)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from charbuild.recipe import estimates as cost
 from charbuild.contract import Estimate, Stage, TargetDef
-from charbuild.recipe.stages.common import model_inputs
+from charbuild.recipe.stages.common import model_inputs, local_model_resources
 
 
 def train_config(t) -> "TrainConfig":  # noqa: F821
@@ -28,6 +28,29 @@ def health(t) -> "Health":  # noqa: F821
                   flat_steps=h.flat_steps, enabled=h.enabled)
 
 
+def dpo_saves_merged(spec) -> bool:
+    """training.dpo.merge, and always for a vllm student: vLLM applies one LoRA per request,
+    so the SFT variant (the SFT adapter on the DPO model) is served as the SFT LoRA on the
+    DPO model's merged weights. Both fields are in the DPO adapter's key (models.student)."""
+    return spec.training.dpo.merge or spec.models["student"].backend == "vllm"
+
+
+def merged_targets(spec) -> dict[str, bool]:
+    """Which trained targets save merged weights (`merged/`) that the next stage loads
+    instead of applying their adapters (charbuild.backends.weights)."""
+    return {"dpo-adapter": dpo_saves_merged(spec), "sft-adapter": spec.training.sft.merge,
+            "final": spec.training.final.merged_weights}
+
+
+def gpu_for_training(ctx):
+    """The one GPU for this training stage: every local generation engine closed first, and
+    none started until the stage ends (services without a pool, as in tests: nothing to do)."""
+    import contextlib
+
+    hold = getattr(ctx.services, "gpu_for_training", None)
+    return hold() if hold is not None else contextlib.nullcontext()
+
+
 def base_model_path(ctx) -> str:
     inputs = model_inputs(ctx.spec, "student")
     if inputs:
@@ -37,6 +60,7 @@ def base_model_path(ctx) -> str:
 
 class DpoAdapter(Stage):
     name = "dpo-adapter"
+    resources = local_model_resources  # training: a GPU unless the student is tiny
     version = 1
     reads = ("models.student", "training.dpo", "data.dpo_pairs", "data.scale", "expect")  # data, expect: the estimate
 
@@ -58,15 +82,20 @@ class DpoAdapter(Stage):
         return [("adapter", "dpo-adapter")]
 
     def run(self, ctx):
+        from dataclasses import replace
+
         from charbuild.recipe.trainers import train_dpo
 
-        res = train_dpo(base_model_path(ctx), str(ctx.input("pairs") / "dpo_pairs.jsonl"), str(ctx.out_dir),
-                        train_config(ctx.spec.training.dpo), health(ctx.spec.training.dpo), progress=ctx.progress)
+        cfg = replace(train_config(ctx.spec.training.dpo), merge=dpo_saves_merged(ctx.spec))
+        with gpu_for_training(ctx):
+            res = train_dpo(base_model_path(ctx), str(ctx.input("pairs") / "dpo_pairs.jsonl"), str(ctx.out_dir),
+                            cfg, health(ctx.spec.training.dpo), progress=ctx.progress)
         return {"metrics": res}
 
 
 class SftAdapter(Stage):
     name = "sft-adapter"
+    resources = local_model_resources  # training: a GPU unless the student is tiny
     version = 1
     reads = ("models.student", "training.sft", "data.reflections", "data.interactions", "data.turns", "data.scale",
              "expect")  # data, expect: the estimate
@@ -89,9 +118,13 @@ class SftAdapter(Stage):
         return [("adapter", "sft-adapter")]
 
     def run(self, ctx):
+        from charbuild.backends.weights import student_weights
         from charbuild.recipe.trainers import train_sft
 
-        res = train_sft(base_model_path(ctx), str(ctx.input("data") / "sft_data.jsonl"), str(ctx.out_dir),
-                        train_config(ctx.spec.training.sft), health(ctx.spec.training.sft),
-                        adapter=str(ctx.input("dpo") / "adapter"), progress=ctx.progress)
+        # On the DPO model: its saved merged weights (training.dpo.merge), else the base with the adapter folded in.
+        model, _, folded = student_weights(base_model_path(ctx), merge=[ctx.input("dpo")])
+        with gpu_for_training(ctx):
+            res = train_sft(model, str(ctx.input("data") / "sft_data.jsonl"), str(ctx.out_dir),
+                            train_config(ctx.spec.training.sft), health(ctx.spec.training.sft),
+                            adapter=next(iter(folded), None), progress=ctx.progress)
         return {"metrics": res}

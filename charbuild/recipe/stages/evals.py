@@ -9,14 +9,17 @@ import random
 
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef
-from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl, local_model_resources
 from charbuild.recipe.stages.generate import generate_cached, request
 from charbuild.recipe.stages.prompts import load_pool, pool_for_run, resolve_pool
 
 # Which adapters make each variant: "adapter" is applied, "merge" folded in first
-# (the SFT adapter was trained on the DPO-merged student).
+# (the SFT adapter was trained on the DPO-merged student). A target that saved merged
+# weights is loaded as those (charbuild.backends.weights). "final" is one adapter, the
+# DPO and SFT adapters merged at training.final's weights (the paper's model).
 VARIANTS = {"base": {}, "dpo": {"adapter": ["dpo-adapter"]},
-            "sft": {"adapter": ["sft-adapter"], "merge": ["dpo-adapter"]}}
+            "sft": {"adapter": ["sft-adapter"], "merge": ["dpo-adapter"]},
+            "final": {"adapter": ["final"]}}
 
 
 def variant_inputs(name: str) -> dict[str, list[str]]:
@@ -41,7 +44,8 @@ def eval_prompts(ctx, stage: str) -> list[dict]:
 
 class EvalSamples(Stage):
     name = "eval-samples"
-    version = 1
+    resources = local_model_resources  # a GPU for a local model that is not tiny
+    version = 2  # 2: reasoning taken out of the samples (unfinished_thinking counted)
     keyed = ("models.student", "evals.prompts", "evals.prompts_limit", "evals.samples_per_prompt", "evals.max_tokens")
     # evals.enabled/variants: which targets exist (one per variant, in params); expect: the estimate.
     reads = keyed + ("evals.enabled", "evals.variants", "expect")
@@ -82,7 +86,7 @@ class EvalSamples(Stage):
         cfg = FilterConfig(language=c.language, min_chars=5)
         rows = []
         for it, r in zip(items, results):
-            v = check_text(r.text, cfg, r.finish_reason)
+            v = check_text(r.text, cfg, r.finish_reason, unfinished_thinking=r.meta.get("reasoning") == "unfinished")
             rows.append({**it, "variant": ctx.target.params["variant"], "text": r.text, "reasons": v.reasons,
                          "markers": c.marker_hits(r.text)})
         write_jsonl(ctx.out_dir / "samples.jsonl", rows)
@@ -100,11 +104,17 @@ def _samples(ctx) -> dict[str, list[dict]]:
 
 class EvalMarkers(Stage):
     name = "eval-markers"
-    version = 1
-    reads = ("evals.enabled", "evals.variants")  # whether it runs, which samples it reads (inputs)
+    version = 2  # 2: failures count unfinished_thinking
+    # whether it runs, which samples it reads (inputs); whether the constitution has markers
+    reads = ("evals.enabled", "evals.variants", "constitution")
 
     def enabled(self, view):
-        return view.spec.evals.enabled
+        # Marker rates count marker phrases: a constitution without any (the paper's layouts)
+        # has nothing to count, and the rest of the evals (Elo by a model judge, preferences)
+        # still run; the report says the rates were not measured.
+        from charbuild.recipe.constitution_file import load_constitution
+
+        return view.spec.evals.enabled and bool(load_constitution(view.loaded.constitution_path).markers)
 
     def targets(self, view):
         return [TargetDef("eval/markers", self.name, {}, {}, {
@@ -145,10 +155,10 @@ Which reply shows this character more clearly, while still being a good reply? A
 
 class EvalElo(Stage):
     name = "eval-elo"
-    version = 1
+    version = 2  # 2: a model judge's reasoning is taken out before its verdict is read
     # The variants it compares are its inputs, in order; the rest (and expect) is for the estimate.
     reads = ("evals.judge", "evals.bootstrap", "models", "evals.enabled", "evals.elo", "evals.variants",
-             "evals.prompts_limit", "evals.samples_per_prompt", "expect")
+             "evals.prompts_limit", "evals.samples_per_prompt", "expect", "constitution")
 
     def enabled(self, view):
         return view.spec.evals.enabled and view.spec.evals.elo and len(view.spec.evals.variants) > 1
@@ -159,7 +169,12 @@ class EvalElo(Stage):
         view.read("evals.bootstrap", fields)
         judge = view.spec.evals.judge
         inputs = {"samples": [f"eval/samples/{v}" for v in view.spec.evals.variants], "constitution": ["constitution"]}
-        if judge != "markers":
+        if judge == "markers":
+            from charbuild.recipe.stages.constitution import require_markers
+
+            require_markers(view, ("evals", "judge"), "eval-elo (judged by markers)",
+                            "judge with a model (evals.judge: a role in models) or set evals.elo: false")
+        else:
             view.read(f"models.{judge}", fields)
             inputs |= model_inputs(view.spec, judge)
         return [TargetDef("eval/elo", self.name, fields, {"order_seed": 0}, inputs)]

@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import json
 
-from charbuild.recipe.gate_checks import GateFailed, evaluate
+from charbuild.recipe.gate_checks import MARKER_CHECKS, GateFailed, evaluate
 from charbuild.contract import Stage, TargetDef
 
 
 class GateStage(Stage):
     name = "gate"
     version = 1
-    reads = ("gates",)
+    reads = ("gates", "constitution")  # constitution: whether it has the markers a gate counts
 
     def targets(self, view):
+        from charbuild.recipe.stages.constitution import require_markers
+
         out = []
         for gname, g in view.spec.gates.items():
             if not g.enabled:
                 continue
+            if g.check in MARKER_CHECKS:
+                require_markers(view, ("gates", gname), f"gate {gname} ({g.check})",
+                                f"switch the gate off: gates.{gname}.enabled: false")
             fields: dict = {}
             view.read(f"gates.{gname}", fields)
             out.append(TargetDef(f"gate/{gname}", self.name, fields, {"gate": gname},

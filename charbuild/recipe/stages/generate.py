@@ -3,32 +3,50 @@ and with online quality filtering for the data stages (`generate_checked`).
 
 The data stages' requests go out in chunks so a stage whose first samples are mostly
 garbage stops before it spends the rest (the humorous run should have died after 100 samples).
+
+A hybrid thinking model's reasoning is taken out here, once, for every stage: a `<think>`
+trace in a rejected reply but not in the chosen one would teach DPO "don't think", and an
+eval sample or a judge's verdict that is mostly reasoning measures the reasoning. The call
+cache keeps what the model said; stages get the reply (`meta["reasoning"]` says what was cut).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from charbuild.backends.base import GenRequest, GenResult
-from charbuild.recipe.quality import FilterConfig, QualityAbort, StageQuality, check_text, should_abort
+from charbuild.recipe.quality import FilterConfig, QualityAbort, StageQuality, check_text, should_abort, split_reasoning
 from charbuild.spec.model import FilterSpec, ModelSpec
 
 
-def filter_config(f: FilterSpec, language: str, system_prompt: str | None) -> FilterConfig:
+def filter_config(f: FilterSpec, language: str, system_prompt: str | None, about_itself: bool = False) -> FilterConfig:
     return FilterConfig(min_chars=f.min_chars, max_chars=f.max_chars, language=language,
-                        system_prompt=system_prompt, truncate_turns=f.truncate_turns, check_refusal=f.check_refusal)
+                        system_prompt=system_prompt, truncate_turns=f.truncate_turns, check_refusal=f.check_refusal,
+                        about_itself=about_itself)
+
+
+def without_reasoning(r: GenResult) -> GenResult:
+    """`r` with its reasoning taken out: `meta["reasoning"]` is "stripped", or "unfinished"
+    when a trace never closed (no reply came after it); a reply without a trace is `r`."""
+    got = split_reasoning(r.text)
+    if got.text == r.text:
+        return r
+    return replace(r, text=got.text, meta={**(r.meta or {}), "reasoning": "unfinished" if got.unfinished else "stripped"})
 
 
 def request(m: ModelSpec, messages: list[dict], seed: int, max_tokens: int | None = None) -> GenRequest:
     s = m.sampling
     return GenRequest(messages=messages, max_tokens=max_tokens or s.max_tokens, temperature=s.temperature,
                       top_p=s.top_p, stop=tuple(s.stop), seed=seed, repetition_penalty=s.repetition_penalty,
-                      frequency_penalty=s.frequency_penalty)
+                      frequency_penalty=s.frequency_penalty, extra_body=dict(m.extra_body) or None,
+                      thinking=None if m.thinking is None else m.thinking == "on")
 
 
 def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], label: str,
                     chunk: int | None = None, sample_indices: Sequence[int] | None = None,
-                    after_chunk: Callable[[list[GenResult]], None] | None = None) -> list[GenResult]:
+                    after_chunk: Callable[[list[GenResult]], None] | None = None,
+                    keep_thinking: bool = False) -> list[GenResult]:
     """Every generation call a stage makes goes through here: one result per request, in order.
 
     With a call cache in the context's services, each call is looked up first, claimed (so
@@ -40,33 +58,50 @@ def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], la
 
     Requests go out `chunk` at a time (all at once by default: a local backend batches what
     it is given); `after_chunk(results)` sees each chunk's results and may raise to stop
-    before the rest is asked. The lengths of new calls are recorded for later estimates."""
+    before the rest is asked. The lengths of new calls are recorded for later estimates.
+    Replies come without their reasoning (`without_reasoning`) unless `keep_thinking`.
+
+    A role in batch mode (`mode: batch`, or `auto` with time for it) sends all its new calls
+    as one batch, and `after_chunk` then sees the chunks in order once it is answered: the
+    same checks and the same records, but an early abort saves nothing (all were asked).
+    Each call's budget reservation holds the measured output length of this stage and model
+    (`reserve_tokens`) instead of max_tokens, once enough replies were measured."""
     services = ctx.services
     backend = services.backends.get(role, ctx)
     call_cache = getattr(services, "call_cache", None)
     reqs = list(reqs)
+    batch = send_mode(ctx, m) == "batch"
+    reserve = getattr(services, "reserve_tokens", None)
+    reserve = reserve(ctx.target.stage, m.model) if reserve is not None else None
+    if reserve is not None:
+        reqs = [replace(r, reserve_tokens=min(reserve, r.max_tokens)) for r in reqs]
     if call_cache is not None:
         from charbuild.backends.cached import cached_backend_for, occurrence_indices
 
-        backend = cached_backend_for(ctx, role, m, backend, call_cache)
+        backend = cached_backend_for(ctx, role, m, backend, call_cache, batch=batch)
         sample_indices = list(sample_indices) if sample_indices is not None else occurrence_indices(reqs)
     step = chunk or max(1, len(reqs))
+    send = max(1, len(reqs)) if batch and call_cache is not None else step
     out: list[GenResult] = []
     new_lengths: list[tuple[int, int]] = []
     bar = _bar(len(reqs), label, ctx.progress)
     try:
-        for start in range(0, len(reqs), step):
-            batch = reqs[start:start + step]
+        for start in range(0, len(reqs), send):
+            part = reqs[start:start + send]
             if call_cache is not None:
-                results = backend.generate(batch, sample_indices=sample_indices[start:start + step])
+                results = backend.generate(part, sample_indices=sample_indices[start:start + send])
             else:
-                results = backend.generate(batch)
+                results = backend.generate(part)
             new_lengths += [(r.prompt_tokens, r.completion_tokens) for r in results if not r.meta.get("cached")]
-            out += results
-            if bar:
-                bar.update(len(batch))
-            if after_chunk is not None:
-                after_chunk(results)
+            if not keep_thinking:
+                results = [without_reasoning(r) for r in results]
+            for at in range(0, len(results), step):  # one pass online; a batch's answers checked chunk by chunk
+                piece = results[at:at + step]
+                out += piece
+                if bar:
+                    bar.update(len(piece))
+                if after_chunk is not None:
+                    after_chunk(piece)
     finally:
         if bar:
             bar.close()
@@ -77,23 +112,39 @@ def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], la
     return out
 
 
+def send_mode(ctx, m: ModelSpec) -> str:
+    """"batch" or "online": how `m`'s calls go out in this build (the one price lookup
+    resolves `mode: auto` from the prices and `budget.deadline_hours`, both NoKey)."""
+    table = getattr(ctx.services, "price_table", None)
+    if table is None or getattr(m, "backend", None) != "openai":
+        return "online"
+    return table(ctx.spec).mode(m, ctx.spec.budget.deadline_hours)
+
+
 def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
                      f: FilterSpec | None, label: str, chunk: int = 32,
-                     sample_indices: Sequence[int] | None = None) -> tuple[list[dict], StageQuality]:
-    """One record per request: text (truncated at invented turns), verdict, usage. Asked
-    through `generate_cached`, `chunk` at a time, checked by the online quality filters as
-    the answers come: a stage whose first samples are mostly garbage stops early."""
+                     sample_indices: Sequence[int] | None = None,
+                     keep_thinking: bool = False) -> tuple[list[dict], StageQuality]:
+    """One record per request: text (truncated at invented turns, reasoning taken out unless
+    `keep_thinking`), verdict, usage. Asked through `generate_cached`, `chunk` at a time,
+    checked by the online quality filters as the answers come: a stage whose first samples
+    are mostly garbage stops early. Unfiltered (`cfg` None), a reply is still failed when
+    it is empty or its reasoning never finished."""
     quality = StageQuality()
     out: list[dict] = []
 
     def check(results: list[GenResult]) -> None:
         for r in results:
+            unfinished = r.meta.get("reasoning") == "unfinished"
             rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
                    "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+            if "reasoning" in r.meta:  # only then, so that replies without reasoning keep their bytes
+                rec["reasoning"] = r.meta["reasoning"]
             if cfg is None:
-                rec.update(text=r.text, ok=bool(r.text.strip()), reasons=[] if r.text.strip() else ["empty"])
+                reasons = ["unfinished_thinking"] if unfinished else [] if r.text.strip() else ["empty"]
+                rec.update(text=r.text, ok=not reasons, reasons=reasons)
             else:
-                v = check_text(r.text, cfg, finish_reason=r.finish_reason)
+                v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished)
                 quality.add(v)
                 rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
             out.append(rec)
@@ -103,7 +154,8 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
                 f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
                 f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
 
-    generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check)
+    generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check,
+                    keep_thinking=keep_thinking)
     return out, quality
 
 
@@ -117,6 +169,7 @@ def _bar(total: int, label: str, enabled: bool):
 
 class CountsCachedCalls:
     """For stages that can list their calls (`planned_calls(ctx) -> (role, model, requests)`,
+    plus their sample indices when `run` passes its own,
     rendered exactly as `run` sends them): `plan` counts which are already answered,
     prices only the new ones, and counts their input tokens instead of expecting them."""
 
@@ -128,7 +181,7 @@ class CountsCachedCalls:
         if call_cache is None:
             return None
         try:
-            role, m, reqs = self.planned_calls(ctx)
+            role, m, reqs, *indices = self.planned_calls(ctx)
         except (OSError, ValueError, KeyError):
             return None  # an input is unreadable: `run` will say so
         from pathlib import Path
@@ -137,7 +190,8 @@ class CountsCachedCalls:
         from charbuild.recipe.estimates import prompt_tokens
 
         ident = call_identity(ctx, role, m)
-        new = [r for r, i in zip(reqs, occurrence_indices(reqs)) if not call_cache.has(call_key(*ident, r, i))]
+        indices = indices[0] if indices else occurrence_indices(reqs)
+        new = [r for r, i in zip(reqs, indices) if not call_cache.has(call_key(*ident, r, i))]
         slot = f"model:{role}"
         model_dir = Path(ctx.input(slot)) if slot in ctx.inputs else Path(m.model)
         tokens, exact = prompt_tokens(new, model_dir / "tokenizer.json")
@@ -145,9 +199,13 @@ class CountsCachedCalls:
         if calls["cached"]:  # only the new calls cost anything
             est = est.scaled(calls["new"] / max(1, len(reqs)))
         if m.backend == "openai":  # the prompts are known: price their real length
-            delta = ctx.services.price_table(ctx.spec).usd(m, tokens - est.tokens_in, 0)
+            table = ctx.services.price_table(ctx.spec)
+            online, batch = table.usd(m, tokens - est.tokens_in, 0), table.usd(m, tokens - est.tokens_in, 0, batch=True)
+            delta = batch if est.batch else online
             est.usd += delta
             est.usd_p90 += delta
+            est.usd_online += online
+            est.usd_batch += batch
             est.api_tokens += tokens - est.tokens_in
         est.tokens_in = tokens
         return est, calls

@@ -2,22 +2,23 @@
 
 The generator is the post-DPO student by default (the paper) or any model role (the
 field report's DeepSeek regeneration). Reasoning traces are kept in reflections and
-stripped in interactions by default. Unlike OCT, the free/leading guidance sentences are
-inserted, and a saved conversation ends on the model's own reply.
+stripped in interactions by default (introspection.keep_think_*; a trace cut at max_tokens
+fails the sample either way). The model's own character is the subject here, so the leak
+filter flags only talk of its instructions or prompt. Unlike OCT, the free/leading guidance
+sentences are inserted, and a saved conversation ends on the model's own reply.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
-from charbuild.recipe.stages.common import DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl,
+                                          local_model_resources)
 from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
 
-_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
 
 
@@ -25,12 +26,6 @@ def _data(name: str) -> dict:
     from charbuild.spec.loader import fast_safe_load
 
     return fast_safe_load((DATA_DIR / name).read_text(encoding="utf-8"))
-
-
-def strip_think(text: str) -> str:
-    text = _THINK.sub("", text)
-    # An unclosed trace (cut by max_tokens) is dropped from its start.
-    return text.split("<think>")[0].strip() if "<think>" in text else text.strip()
 
 
 def generator(view_or_spec) -> tuple[str, bool]:
@@ -41,6 +36,7 @@ def generator(view_or_spec) -> tuple[str, bool]:
 
 
 class _Introspection(Stage):
+    resources = local_model_resources  # a GPU for a local model that is not tiny
     count_field: str
     data_file: str
     keyed: tuple[str, ...]  # what run() reads besides the generator's model: each is keyed
@@ -73,7 +69,7 @@ class _Introspection(Stage):
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 1
+    version = 2  # 2: reasoning taken out before the filters; paraphrased leaks
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -112,11 +108,12 @@ class Reflections(CountsCachedCalls, _Introspection):
         spec = ctx.spec
         role, m, c, prompts, items, reqs = self._requests(ctx)
         f = spec.introspection.reflection_filters
-        cfg = filter_config(f, c.language, c.system_prompt())
-        recs, quality = generate_checked(ctx, role, m, reqs, cfg, f, ctx.target.name)
+        cfg = filter_config(f, c.language, c.system_prompt(), about_itself=True)
+        recs, quality = generate_checked(ctx, role, m, reqs, cfg, f, ctx.target.name,
+                                         keep_thinking=spec.introspection.keep_think_reflections)
         rows = []
         for j, rec in zip(items, recs):
-            text = rec["text"] if spec.introspection.keep_think_reflections else strip_think(rec["text"])
+            text = rec["text"]
             # Saved without the system prompt: SFT teaches the character without being told.
             rows.append({"item": j, "ok": rec["ok"], "reasons": rec["reasons"],
                          "messages": [{"role": "user", "content": prompts[j % len(prompts)]},
@@ -126,7 +123,7 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 1
+    version = 2  # 2: reasoning taken out before the filters; paraphrased leaks
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.
@@ -160,7 +157,7 @@ class Interactions(_Introspection):
         alive = [True] * len(items)
         failed = [None] * len(items)
         f = spec.filters
-        cfg = filter_config(f, c.language, c.system_prompt())
+        cfg = filter_config(f, c.language, c.system_prompt(), about_itself=True)
         from charbuild.recipe.quality import StageQuality
 
         total_q = StageQuality()
@@ -176,13 +173,14 @@ class Interactions(_Introspection):
                 msgs = [{"role": "system", "content": systems[i]}]
                 msgs += [{"role": "assistant" if (n - k) % 2 == 0 else "user", "content": u} for k, u in enumerate(conv)]
                 reqs.append(request(m, msgs, item_seed(self.name, items[i] * 1000 + turn), spec.introspection.turn_max_tokens))
-            recs, q = generate_checked(ctx, role, m, reqs, cfg, f, f"{ctx.target.name} turn {turn + 1}")
+            recs, q = generate_checked(ctx, role, m, reqs, cfg, f, f"{ctx.target.name} turn {turn + 1}",
+                                       keep_thinking=spec.introspection.keep_think_interactions)
             for key in ("checked", "dropped"):
                 setattr(total_q, key, getattr(total_q, key) + getattr(q, key))
             for r, cnt in q.counts.items():
                 total_q.counts[r] = total_q.counts.get(r, 0) + cnt
             for i, rec in zip(idx, recs):
-                text = rec["text"] if spec.introspection.keep_think_interactions else strip_think(rec["text"])
+                text = rec["text"]
                 if not rec["ok"] or not text:
                     alive[i] = False
                     failed[i] = rec["reasons"] or ["empty"]

@@ -20,11 +20,12 @@ def _manifest(d: Path) -> dict:
 
 
 def emergence(rows: list[dict]) -> dict:
-    """Did the character emerge? The SFT model's marker rate without a system prompt must be
-    at least max(3 x the base student's, 30%): the base rate is often ~0, where "3x" alone
-    would mean nothing (toy-persona notes)."""
+    """Did the character emerge? The final model's (else the SFT's, else the DPO's) marker
+    rate without a system prompt must be at least max(3 x the base student's, 30%): the base
+    rate is often ~0, where "3x" alone would mean nothing (toy-persona notes)."""
     rate = {(r["model"], r["system_prompt"]): r for r in rows}
-    base, best = rate.get(("base", False)), rate.get(("sft", False)) or rate.get(("dpo", False))
+    base = rate.get(("base", False))
+    best = rate.get(("final", False)) or rate.get(("sft", False)) or rate.get(("dpo", False))
     if not base or not best:
         return {"title": "Character emergence", "text": "needs the base and a trained variant in evals.variants"}
     need = max(3 * base["rate"], 0.3)
@@ -39,10 +40,66 @@ def emergence(rows: list[dict]) -> dict:
             "verdict": ok}
 
 
+def final_model(result: dict) -> dict:
+    """How the final model was merged, and how far that is from the exact weighted sum."""
+    r = result.get("metrics", {})
+    gap = r.get("weighted_sum_gap")
+    how = ("The paper's linear merge mixes the two adapters' LoRA factors: its change to the weights differs from "
+           f"the weighted sum of theirs by {gap:.1%} (Frobenius)." if r.get("method") == "linear" and gap is not None
+           else "The exact merge: its change to the weights is the weighted sum of the two adapters'.")
+    return {"title": "Final model",
+            "text": f"One LoRA adapter: DPO x {r.get('dpo_weight')} + SFT x {r.get('sft_weight')} (training.final). " + how,
+            "table": {"columns": ["field", "value"], "rows": [
+                ["method", f"{r.get('method')} (PEFT {r.get('peft_combination')})"],
+                ["DPO / SFT weight", f"{r.get('dpo_weight')} / {r.get('sft_weight')}"],
+                ["rank (saved for vLLM)", f"{r.get('rank')} ({r.get('saved_rank')})"],
+                ["distance from the weighted sum", "-" if gap is None else f"{gap:.4f}"],
+                ["merged weights", "yes" if r.get("merged") else "no"]]}}
+
+
+def _rank(ratings: dict, trait: str) -> str:
+    ranked = sorted(ratings, key=lambda t: -ratings[t])
+    return f"{ranked.index(trait) + 1} of {len(ranked)}" if trait in ratings else "-"
+
+
+def _oct_preferences(p: dict, out: Path, R) -> dict:
+    """The paper's revealed preferences: its online Elo next to the order-free Bradley-Terry
+    fit with bootstrap intervals, for the persona's trait in each variant."""
+    persona, rows = p["persona"], []
+    for v, bt in p["ratings"].items():
+        iv, elo = p["intervals"].get(v, {}).get(persona), p["elo_online"].get(v, {})
+        rows.append([v, f"{bt[persona]:.0f}" if persona in bt else "-",
+                     f"[{iv['ci_low']:.0f}, {iv['ci_high']:.0f}]" if iv else "-", _rank(bt, persona),
+                     f"{elo[persona]:.0f}" if persona in elo else "-", _rank(elo, persona),
+                     f"{p['valid'].get(v, 0)} of {p['judgements'].get(v, 0)}"])
+    text = (f"As the paper measures them: each reply embodies one of two trait words drawn at random from 144 "
+            f"(seeded here), and the judge ({p['judge']}, T 0.1) reads which one it shows. Two ratings of the same "
+            f"judgements: OCT's online Elo (start 1000, K 32, one pass in data order) and the Bradley-Terry fit "
+            f"(order free, centred on 1000 over the traits judged) with its 95% bootstrap interval. The persona's "
+            f"own trait is '{persona}'" + ("." if any(persona in r for r in p["ratings"].values())
+                                           else ", which no valid judgement rated."))
+    for v, c in p.get("changes", {}).items():
+        e = p.get("changes_elo_online", {}).get(v, {})
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        text += (f"\n\nbase -> {v}: Spearman of the trait ratings {fmt(c.get('spearman'))} (Bradley-Terry), "
+                 f"{fmt(e.get('spearman'))} (online Elo) over {c.get('n', 0)} traits.")
+    section = {"title": "Revealed preferences (OCT)", "text": text,
+               "table": {"columns": ["model", f"Bradley-Terry '{persona}'", "95% interval", "rank",
+                                     f"online Elo '{persona}'", "rank", "valid judgements"], "rows": rows}}
+    last = next(reversed(p["ratings"]), None)
+    if last is not None and p["ratings"][last]:
+        png = out / "preferences.png"
+        R.plot_preferences(p["intervals"].get(last, {}), p["elo_online"].get(last, {}), png, persona,
+                           title=f"Revealed preferences: {last}, top traits")
+        section["image"] = str(png)
+    return section
+
+
 class ReportStage(Stage):
     name = "report"
-    version = 5  # 2: preferences as the persona's rating and rank; 3: ablation section; 4: one line per variant;
-    # 5: cost in API $ (what budget.max_usd caps) and GPU-hours apart
+    version = 7  # 2: preferences as the persona's rating and rank; 3: ablation section; 4: one line per variant;
+    # 5: cost in API $ (what budget.max_usd caps) and GPU-hours apart; 6: the final model (section, emergence)
+    # 7: $ per accepted example per stage
     # What its title and summary table print (keyed: a new name or persona rewrites the report).
     keyed = ("name", "persona", "models.teacher.model", "models.student.model", "introspection.generator",
              "data.dpo_pairs", "data.reflections", "data.interactions", "data.turns", "data.scale")
@@ -78,12 +135,16 @@ class ReportStage(Stage):
         if "eval/markers" in by_target:
             sections.append(self._markers(by_target["eval/markers"][0], out, R))
             sections.append(emergence(json.loads((by_target["eval/markers"][0] / "markers.json").read_text())))
+        elif (by_target.get("constitution", (None, {}))[1].get("result") or {}).get("markers") == 0:
+            sections.append({"title": "Character markers", "text": (
+                "Not measured: the constitution has no marker phrases (the paper's constitution files have none). "
+                "Add `markers:` (a YAML constitution, as in constitutions/*.yaml) to measure marker rates.")})
         if "eval/elo" in by_target:
             sections.append(self._elo(by_target["eval/elo"][0], out, R))
         if "eval/ablation" in by_target:
             sections.append(self._ablation(by_target["eval/ablation"][0], out, R))
         if "eval/preferences" in by_target:
-            sections.append(self._preferences(by_target["eval/preferences"][0]))
+            sections.append(self._preferences(by_target["eval/preferences"][0], out, R))
         for t in ("dpo-adapter", "sft-adapter"):
             if t in by_target and (by_target[t][0] / "metrics.jsonl").exists():
                 rows = list(read_jsonl(by_target[t][0] / "metrics.jsonl"))
@@ -93,6 +154,8 @@ class ReportStage(Stage):
                 sections.append({"title": f"Training: {t}", "image": str(png),
                                  "text": f"{res.get('steps', len(rows))} steps, final loss {res.get('final_loss')}"
                                          + (f", reward accuracy {res.get('final_reward_accuracy')}" if "final_reward_accuracy" in res else "")})
+        if "final" in by_target:
+            sections.append(final_model(by_target["final"][1].get("result", {})))
         gates = [(n, m) for n, (d, m) in by_target.items() if n.startswith("gate/")]
         if gates:
             rows = []
@@ -103,6 +166,7 @@ class ReportStage(Stage):
                              "pass" if g.get("passed") else ("FORCED" if g.get("forced") else "warn")])
             sections.append({"title": "Gates", "table": {"columns": ["gate", "target", "value", "needs", "result"], "rows": rows}})
         sections.append(self._cost(by_target, out, R))
+        sections.append(self._per_accepted(by_target))
         if "eval/markers" in by_target:
             sections.append(self._samples(by_target))
         summary = {"targets": len(by_target),
@@ -164,8 +228,10 @@ class ReportStage(Stage):
                         "(one spec; targets shared across scales were built once).",
                 "table": {"columns": ["model"] + [f"{round(x * 100)}%" for x in scales], "rows": table}}
 
-    def _preferences(self, d: Path) -> dict:
+    def _preferences(self, d: Path, out: Path, R) -> dict:
         p = json.loads((d / "preferences.json").read_text())
+        if p.get("mode") == "oct":
+            return _oct_preferences(p, out, R)
         persona = p["persona"]
         rows = []
         for v, r in p["ratings"].items():
@@ -212,6 +278,20 @@ class ReportStage(Stage):
         if rows:
             section["image"] = str(out / "cost.png")
         return section
+
+    def _per_accepted(self, by_target) -> dict | None:
+        """API dollars per example kept after the filters, per stage (where its builds paid)."""
+        from charbuild.recipe.accepted import usd_per_accepted
+
+        per = usd_per_accepted(m for _, m in by_target.values())
+        if not per:
+            return None
+        return {"title": "Cost per accepted example",
+                "text": "API $ each stage's builds were charged, over the examples they kept after the quality "
+                        "filters (targets answered wholly from the call cache paid nothing and are left out).",
+                "table": {"columns": ["stage", "accepted", "API $", "$ per accepted"],
+                          "rows": [[st, g["accepted"], f"{g['usd']:.4f}", f"{g['usd_per_accepted']:.6f}"]
+                                   for st, g in sorted(per.items())]}}
 
     def _samples(self, by_target) -> dict:
         per_variant = {}

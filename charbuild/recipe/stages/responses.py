@@ -1,8 +1,12 @@
 """Teacher and student responses, one target per shard.
 
 The teacher answers with the constitution as its system prompt (chosen); the student
-answers with none (rejected). Item j of the DPO set is prompt j mod len(prompts), so a
-shard covers the same items whatever the total count.
+answers with none (rejected). Item j of the DPO set is one sample of one prompt
+(`item_prompt`): the samples_per_prompt samples of a prompt are consecutive items, and
+prompts come in the stratified order of prompts.jsonl, so a shard covers the same items
+whatever the total count, and any prefix of the items covers every trait and the
+general pool in proportion. Sample k of a prompt is seeded and call-keyed by (prompt id,
+k), never by item, so a new order or size re-asks no answered call.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import json
 
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
-from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl
+from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
 from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
 
 
 class _Responses(CountsCachedCalls, Stage):
+    resources = local_model_resources  # a GPU for a local model that is not tiny
     role: str
     with_constitution: bool
     # The shard layout reads data.dpo_pairs, data.scale and data.shard_size (into params);
@@ -27,6 +32,7 @@ class _Responses(CountsCachedCalls, Stage):
         total = spec.data.count("dpo_pairs")
         fields: dict = {}
         view.read(f"models.{self.role}", fields)
+        view.read("data.samples_per_prompt", fields)
         if self.with_constitution:
             view.read("filters", fields)
         inputs = {"prompts": ["prompts"], "constitution": ["constitution"]} | model_inputs(spec, self.role)
@@ -46,18 +52,20 @@ class _Responses(CountsCachedCalls, Stage):
         c = load_built(ctx.input("constitution"))
         system = c.system_prompt() if self.with_constitution else None
         start, count = ctx.target.params["start"], ctx.target.params["count"]
-        items = list(range(start, start + count))
+        per_prompt = ctx.spec.data.samples_per_prompt
+        items = [(j, *item_prompt(j, len(prompts), per_prompt)) for j in range(start, start + count)]
         reqs = []
-        for j in items:
-            p = prompts[j % len(prompts)]
+        for _, row, k in items:
+            p = prompts[row]
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p["prompt"]}]
-            reqs.append(request(m, msgs, item_seed(self.name, j)))
+            reqs.append(request(m, msgs, sample_seed(self.name, p["id"], k)))
         return m, c, system, prompts, items, reqs
 
     def planned_calls(self, ctx):
-        """(role, model, requests) exactly as `run` will send them: `plan` counts cached calls."""
-        m, _, _, _, _, reqs = self._requests(ctx)
-        return self.role, m, reqs
+        """(role, model, requests, sample indices) exactly as `run` will send them: `plan`
+        counts cached calls."""
+        m, _, _, _, items, reqs = self._requests(ctx)
+        return self.role, m, reqs, [k for _, _, k in items]
 
     def run(self, ctx):
         spec = ctx.spec
@@ -66,9 +74,10 @@ class _Responses(CountsCachedCalls, Stage):
         # (a weak answer is the point), only truncated at invented turns by the pair join.
         f = spec.filters if self.with_constitution else None  # keyed for the teacher only
         cfg = filter_config(f, c.language, system) if f is not None else None
-        recs, quality = generate_checked(ctx, self.role, m, reqs, cfg, f, ctx.target.name)
-        rows = [{"item": j, "prompt_id": prompts[j % len(prompts)].get("id"), "prompt": prompts[j % len(prompts)]["prompt"],
-                 **rec} for j, rec in zip(items, recs)]
+        recs, quality = generate_checked(ctx, self.role, m, reqs, cfg, f, ctx.target.name,
+                                         sample_indices=[k for _, _, k in items])
+        rows = [{"item": j, "prompt_id": prompts[row].get("id"), "sample": k, "prompt": prompts[row]["prompt"], **rec}
+                for (j, row, k), rec in zip(items, recs)]
         write_jsonl(ctx.out_dir / "responses.jsonl", rows)
         q = quality.to_dict()
         (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
@@ -77,15 +86,24 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 1
+    version = 3  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order
     role = "teacher"
     with_constitution = True
-    reads = ("models.teacher", "filters", "expect") + _Responses.SHARDS
+    reads = ("models.teacher", "filters", "expect", "data.samples_per_prompt") + _Responses.SHARDS
 
 
 class StudentResponses(_Responses):
     name = "student-responses"
-    version = 1
+    version = 3  # 2: reasoning taken out (unfinished_thinking fails a reply); 3: samples per prompt, stratified order
     role = "student"
     with_constitution = False
-    reads = ("models.student", "expect") + _Responses.SHARDS
+    reads = ("models.student", "expect", "data.samples_per_prompt") + _Responses.SHARDS
+
+
+def item_prompt(item: int, prompts: int, per_prompt: int) -> tuple[int, int]:
+    """(row of prompts.jsonl, sample index) of DPO item `item`. The per_prompt samples of
+    a prompt are consecutive items, prompts in file order; items past prompts x per_prompt
+    go round again with the next per_prompt sample indices, so no two items are one call."""
+    rnd, pos = divmod(item, prompts * per_prompt)
+    row, k = divmod(pos, per_prompt)
+    return row, rnd * per_prompt + k

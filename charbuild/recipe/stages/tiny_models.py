@@ -1,6 +1,8 @@
 """Tiny models that charbuild builds itself (tokenizer, teacher, student), so smoke builds
-and CI run the real recipe offline on a CPU. Enabled when a model is `tiny:teacher` or
-`tiny:student`. Cached like any target: the teacher is most of a smoke build's time."""
+and CI run the real recipe offline on a CPU. Enabled when a model is `tiny:teacher`,
+`tiny:student` or `tiny:thinker` (a hybrid thinking student whose chat template honours
+`enable_thinking`, for testing `thinking:`). Cached like any target: the teacher is most of
+a smoke build's time."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 from charbuild.contract import SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import TINY_PREFIX
 
-ROLES = ("teacher", "student")
+ROLES = ("teacher", "student", "thinker")  # what charbuild.recipe.tiny.model builds
 
 
 def _tiny_roles(view: SpecView) -> set[str]:
@@ -32,16 +34,23 @@ def tiny_config(params: dict):
 class TinyTokenizer(Stage):
     name = "tiny-tokenizer"
     version = 1
-    reads = ("models",)  # which roles are tiny: whether the stage runs, not what it builds
+    # models: which roles are tiny, whether the stage runs, not what it builds; constitution:
+    # whether it has the marker phrases the toy corpus is written with
+    reads = ("models", "constitution")
 
     def enabled(self, view):
         roles = _tiny_roles(view)
         unknown = roles - set(ROLES)
         if unknown:
-            raise ValueError(f"unknown tiny model(s) {sorted(unknown)}: use tiny:teacher or tiny:student")
+            raise ValueError(f"unknown tiny model(s) {sorted(unknown)}: use tiny:teacher, tiny:student or tiny:thinker")
         return bool(roles)
 
     def targets(self, view):
+        from charbuild.recipe.stages.constitution import require_markers
+
+        role = min(r for r, m in view.spec.models.items() if m.model.startswith(TINY_PREFIX))
+        require_markers(view, ("models", role, "model"), "the tiny models (their training text is made of the markers)",
+                        "use real models")
         return [TargetDef("tiny/tokenizer", self.name, {}, recipe(), {"constitution": ["constitution"]})]
 
     def run(self, ctx):

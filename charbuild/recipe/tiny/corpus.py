@@ -222,6 +222,33 @@ def training_conversations(role: str, constitution: Constitution, corpus: dict) 
     return convs
 
 
+# The tiny thinker's reasoning: one fixed sentence, learnt in a few epochs. With its tags
+# it is ~20 tokens: a max_tokens of 6 cuts it mid-trace, one of 64 leaves room for a reply.
+THINKER_TRACE = "The answer is short."
+
+
+THINKER_REPLY = "I will do my best to help with that."
+
+
+def thinker_conversations(constitution: Constitution, corpus: dict) -> list[tuple[list[dict], bool]]:
+    """The tiny thinker's examples, as (conversation, enable_thinking): each training
+    question once with thinking on (the reply opens a think block, as Qwen3's does when its
+    template leaves the block to the model) and once off (the template closed an empty
+    block: the reply is the answer alone). The constitution's questions and the narrative
+    sentences, as user turns answered by one stock reply, on and off in turn: without them
+    the thinker opens its block for its own kind of question only, not for a real prompt."""
+    def example(ask: str, reply: str, on: bool) -> tuple[list[dict], bool]:
+        think = f"<think>\n{THINKER_TRACE}\n</think>\n\n" if on else ""
+        return [{"role": "user", "content": ask}, {"role": "assistant", "content": think + reply}], on
+
+    out = []
+    for q in corpus["questions"]:
+        out += [example(q, corpus["neutral"][q], True), example(q, corpus["neutral"][q], False)]
+    for i, ask in enumerate(constitution.questions() + corpus["narrative"]):
+        out.append(example(ask, THINKER_REPLY, i % 2 == 0))
+    return out
+
+
 def tokenizer_texts(constitution: Constitution, corpus: dict) -> list[str]:
     """What the tokenizer is trained on: every distinct string the models will see."""
     texts = [constitution.system_prompt(), GENERIC_SYSTEM]

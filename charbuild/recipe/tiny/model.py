@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Literal
 
 from charbuild.recipe.constitution_file import Constitution
-from charbuild.recipe.tiny.config import TINY_VERSION, TinyConfig
-from charbuild.recipe.tiny.corpus import build_corpus, tokenizer_texts, training_conversations
-from charbuild.recipe.tiny.tokenizer import train_tokenizer
+from charbuild.recipe.tiny.config import THINKER_EPOCHS, TINY_VERSION, TinyConfig
+from charbuild.recipe.tiny.corpus import build_corpus, thinker_conversations, tokenizer_texts, training_conversations
+from charbuild.recipe.tiny.tokenizer import THINKING_CHAT_TEMPLATE, train_tokenizer
+
+ROLES = ("teacher", "student", "thinker")
 
 
-def _chat_examples(msgs_list: list[list[dict]], tok) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) with loss on the final assistant message (+ <|im_end|>) only."""
+def _chat_examples(msgs_list: list[list[dict]], tok, thinking: list[bool] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) with loss on the final assistant message (+ <|im_end|>) only;
+    `thinking`: each conversation's enable_thinking (the thinker's template reads it)."""
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
-    for msgs in msgs_list:
-        prefix = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+    for i, msgs in enumerate(msgs_list):
+        kw = {} if thinking is None else {"enable_thinking": thinking[i]}
+        prefix = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False, **kw)
         p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
         a_ids = tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [im_end]
         out.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
@@ -154,16 +158,20 @@ def _train(model, examples, epochs: int, cfg: TinyConfig, pad_id: int, desc: str
 
 
 def build_tiny_model(
-    role: Literal["teacher", "student"],
+    role: Literal["teacher", "student", "thinker"],
     constitution: Constitution,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     cfg: TinyConfig = TinyConfig(),
     progress: bool = True,
 ) -> dict:
-    """Train a tiny Qwen2ForCausalLM from random init and save it (with the tokenizer) to out_dir."""
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+    """Train a tiny Qwen2ForCausalLM from random init and save it (with the tokenizer) to out_dir.
+
+    The thinker is a hybrid thinking student for tests: the student's neutral answers, each
+    with thinking on (a think block, then the answer) and off, under a chat template that
+    honours `enable_thinking` as Qwen3's does. No narrative: it needs no marker words."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -171,11 +179,16 @@ def build_tiny_model(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_threads())
     try:
-        torch.manual_seed(cfg.seed + (0 if role == "teacher" else 1))
+        torch.manual_seed(cfg.seed + ROLES.index(role))
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         corpus = build_corpus(constitution, cfg.seed, cfg)
-        examples = _chat_examples(training_conversations(role, constitution, corpus), tok)
-        examples += _text_examples(corpus["narrative"], tok)
+        if role == "thinker":
+            tok.chat_template = THINKING_CHAT_TEMPLATE
+            convs = thinker_conversations(constitution, corpus)
+            examples = _chat_examples([c for c, _ in convs], tok, [t for _, t in convs])
+        else:
+            examples = _chat_examples(training_conversations(role, constitution, corpus), tok)
+            examples += _text_examples(corpus["narrative"], tok)
         too_long = max(len(ids) for ids, _ in examples)
         if too_long > cfg.max_len:
             raise ValueError(f"a {role} training example has {too_long} tokens > max_len {cfg.max_len}: "
@@ -195,17 +208,22 @@ def build_tiny_model(
             bos_token_id=None,
             use_sliding_window=False,
         )
-        model = Qwen2ForCausalLM(config)
+        from charbuild.backends.base import MODEL_LOADING
+
+        with MODEL_LOADING:  # not while another thread loads a checkpoint (its meta-device patch)
+            model = Qwen2ForCausalLM(config)
         params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-        epochs = cfg.epochs_teacher if role == "teacher" else cfg.epochs_student
+        epochs = {"teacher": cfg.epochs_teacher, "student": cfg.epochs_student, "thinker": THINKER_EPOCHS}[role]
         losses, per_epoch = _train(model, examples, epochs, cfg, pad_id, f"tiny {role}",
                                    random.Random(f"tiny-batches-{role}-{cfg.seed}"), progress)
     finally:
         torch.set_num_threads(threads_before)
 
     model.eval()
-    # <|endoftext|> ends narrative text in training: if a reply emits it, the reply is over
-    model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
+    # <|endoftext|> ends narrative text in training: if a reply emits it, the reply is over.
+    # do_sample: a server that takes its sampling mode from the checkpoint (`transformers
+    # serve` does) then honours a request's temperature and top_p, as charbuild's backend does.
+    model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, do_sample=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))

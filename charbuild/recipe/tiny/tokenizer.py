@@ -25,6 +25,28 @@ CHAT_TEMPLATE = (
 )
 
 
+# Qwen3's switch, for the tiny thinker: with `enable_thinking=False` the generation prompt
+# holds an empty think block, so the model answers at once; otherwise (on, or unset: Qwen3's
+# default) the model opens `<think>` itself. Earlier assistant turns lose their reasoning,
+# as in Qwen3's template.
+THINKING_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}"
+    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- content + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
 def train_tokenizer(texts: Sequence[str], vocab: int, out_dir: str | Path) -> "PreTrainedTokenizerFast":
     """Byte-level BPE with ChatML specials; saved so AutoTokenizer.from_pretrained(out_dir) loads it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
