@@ -187,7 +187,9 @@ def test_checkpoint_at_half_of_the_steps(dpo_run):
     out, res = dpo_run
     ck = out / "checkpoints" / "frac-0.50"
     assert (ck / "adapter_config.json").is_file() and (ck / "adapter_model.safetensors").is_file()
-    assert res["checkpoints"] == [{"fraction": 0.5, "step": 3, "path": str(ck)}]
+    # Paths in the manifest are the target's own, never the staging folder it was built in.
+    assert res["checkpoints"] == [{"fraction": 0.5, "step": 3, "path": "checkpoints/frac-0.50"}]
+    assert res["adapter"] == "adapter"
 
 
 def test_sft_on_top_of_the_dpo_adapter_trains_and_saves_an_adapter(dpo_run, tiny_model, sft_jsonl, tmp_path):

@@ -233,7 +233,10 @@ def _make_callback(out_dir: Path, health: Health, dpo: bool, checkpoints_at, tok
                         path = out_dir / "checkpoints" / f"frac-{frac:.2f}"
                         model.save_pretrained(str(path))
                         tokenizer.save_pretrained(str(path))
-                        self.saved.append({"fraction": frac, "step": step, "path": str(path)})
+                        # Relative to the target's folder: out_dir is a staging folder that is
+                        # renamed into the cache once the target is complete.
+                        self.saved.append({"fraction": frac, "step": step,
+                                           "path": str(path.relative_to(out_dir))})
 
     return _Monitor()
 
@@ -395,8 +398,8 @@ def _run(kind: str, trainer, tok, cb, cfg: TrainConfig, out: Path, progress: boo
         "micro_batch_size": micro,
         "gradient_accumulation_steps": accum,
         "effective_batch_size": micro * accum * trainer.args.world_size,
-        "adapter": str(out / "adapter"),
-        "merged": str(out / "merged") if cfg.merge else None,
+        "adapter": "adapter",  # folders of the target (its staging folder is renamed away)
+        "merged": "merged" if cfg.merge else None,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "trl_version": trl.__version__,
         "peft_version": peft.__version__,
