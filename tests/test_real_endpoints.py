@@ -107,6 +107,13 @@ def test_a_teacher_on_transformers_serve_builds_dpo_pairs_with_the_stock_setting
     assert pairs
     # The teacher's replies came from the server: it logged the chat completions it answered.
     assert served["log"].read_text().count("/v1/chat/completions") >= len(pairs)
+    # Whether each sample's seed held: the local student seeds its own sampler; the server
+    # was only sent one (`transformers serve` seeds the process, not the request).
+    from support.api_build import built_manifest
+
+    teacher = built_manifest(served["cache"], "teacher-responses/shard-0000")["result"]["seeds"]
+    student = built_manifest(served["cache"], "student-responses/shard-0000")["result"]["seeds"]
+    assert list(teacher) == ["sent, not verifiable"] and list(student) == ["honoured"]
     # The local server is not billed at the fallback API price.
     plan = plan_json(str(spec), "dpo-pairs", "--cache", str(served["cache"]), "--set", "data.dpo_pairs=12")
     assert plan["total"]["est_usd"] == 0 and not plan["total"]["est_price_unknown"]
@@ -229,3 +236,15 @@ def test_extra_body_that_would_override_charbuild_or_cannot_be_sent_is_refused(t
     assert main(["plan", str(spec)]) != 0
     err = capsys.readouterr().err
     assert says in err and "models.teacher.extra_body" in err
+
+
+def test_the_manifest_says_a_servers_seeds_could_not_be_verified(tmp_path, monkeypatch):
+    from support.api_build import built_manifest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", "k")
+    with FakeOpenAIServer(reply=persona_reply) as srv:
+        spec = write_spec(tmp_path, srv.base_url, dpo_pairs=10)
+        assert run(str(spec), "teacher-responses/shard-0000", "--cache", str(tmp_path / "cache")) == 0
+    m = built_manifest(tmp_path / "cache", "teacher-responses/shard-0000")
+    assert m["result"]["seeds"] == {"sent, not verifiable": 10}

@@ -45,6 +45,12 @@ def template_kwargs(req: GenRequest) -> dict:
     return {} if req.thinking is None else {"enable_thinking": req.thinking, "thinking": req.thinking}
 
 
+# GenResult.meta["seed"]: whether the answer is what its request's seed determines. A local
+# backend seeds each request's sampler itself; a server is sent the seed and may ignore it
+# (`transformers serve` seeds the process, so its seeds hold only at concurrency 1).
+SEED_HONOURED, SEED_UNVERIFIED = "honoured", "sent, not verifiable"
+
+
 @dataclass
 class GenResult:
     text: str

@@ -38,7 +38,8 @@ import aiohttp
 
 from charbuild.backends.ratelimit import limiter_for
 from charbuild.ledger import RESERVE_SAFETY, BudgetExceeded, Ledger, Reservation, estimate_chat_tokens
-from charbuild.backends.base import BackendError, GenRequest, GenResult, Interrupted, Progress, template_kwargs
+from charbuild.backends.base import (SEED_UNVERIFIED, BackendError, GenRequest, GenResult, Interrupted, Progress,
+                                     template_kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def result_of(data: Mapping[str, Any], stops: Sequence[str]) -> GenResult:
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     prompt = int(usage.get("prompt_tokens") or 0)
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"seed": SEED_UNVERIFIED}  # the server's to honour (see SEED_UNVERIFIED)
     cached = min(cached_prompt_tokens(usage), prompt)
     if cached:
         meta["cached_prompt_tokens"] = cached

@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from charbuild.backends.base import MODEL_LOADING, BackendError, GenRequest, GenResult, Progress, template_kwargs
+from charbuild.backends.base import MODEL_LOADING, SEED_HONOURED, BackendError, GenRequest, GenResult, Progress, template_kwargs
 
 
 @dataclass
@@ -212,7 +212,8 @@ class TransformersBackend:
             else:
                 n = len(row)
                 reason = "length" if n >= max_tokens else "stop"  # early end: boundary stop string
-            results.append(GenResult(text=text, finish_reason=reason, prompt_tokens=len(p), completion_tokens=n))
+            results.append(GenResult(text=text, finish_reason=reason, prompt_tokens=len(p), completion_tokens=n,
+                                     meta={"seed": SEED_HONOURED}))  # each row has its own seeded sampler
         return results
 
     def close(self) -> None:

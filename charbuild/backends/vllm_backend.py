@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from charbuild.backends.base import BackendError, GenRequest, GenResult, template_kwargs
+from charbuild.backends.base import SEED_HONOURED, BackendError, GenRequest, GenResult, template_kwargs
 
 
 def chat_calls(requests: Sequence[GenRequest]) -> list[tuple[list[int], dict | None]]:
@@ -58,7 +58,7 @@ class VllmBackend:
         for o in outs:
             c = o.outputs[0]
             results.append(GenResult(c.text, "length" if c.finish_reason == "length" else "stop",
-                                     len(o.prompt_token_ids or []), len(c.token_ids)))
+                                     len(o.prompt_token_ids or []), len(c.token_ids), meta={"seed": SEED_HONOURED}))
         if progress:
             progress(len(results))
         return results

@@ -137,7 +137,9 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
         for r in results:
             unfinished = r.meta.get("reasoning") == "unfinished"
             rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
-                   "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+                   "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                   # whether this sample is what its seed determines (backends.base.SEED_HONOURED)
+                   "seed": r.meta.get("seed", "unknown")}
             if "reasoning" in r.meta:  # only then, so that replies without reasoning keep their bytes
                 rec["reasoning"] = r.meta["reasoning"]
             if cfg is None:
@@ -157,6 +159,14 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
     generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check,
                     keep_thinking=keep_thinking)
     return out, quality
+
+
+def seed_counts(records: Sequence[dict]) -> dict[str, int]:
+    """For the manifest: how many samples' seeds were honoured, and how many a server was
+    only sent (see charbuild.backends.base.SEED_UNVERIFIED)."""
+    from collections import Counter
+
+    return dict(Counter(r["seed"] for r in records if "seed" in r))
 
 
 def _bar(total: int, label: str, enabled: bool):

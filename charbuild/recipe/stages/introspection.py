@@ -17,7 +17,7 @@ from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl,
                                           local_model_resources)
-from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
+from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request, seed_counts
 
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
 
@@ -64,12 +64,12 @@ class _Introspection(Stage):
         write_jsonl(ctx.out_dir / "samples.jsonl", rows)
         q = quality.to_dict()
         (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
-        return {"quality": q, "kept": sum(r["ok"] for r in rows), "samples": len(rows)}
+        return {"quality": q, "kept": sum(r["ok"] for r in rows), "samples": len(rows), "seeds": seed_counts(rows)}
 
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 2  # 2: reasoning taken out before the filters; paraphrased leaks
+    version = 3  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -123,7 +123,7 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 2  # 2: reasoning taken out before the filters; paraphrased leaks
+    version = 3  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.

@@ -16,7 +16,7 @@ import json
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request
+from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request, seed_counts
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -81,12 +81,13 @@ class _Responses(CountsCachedCalls, Stage):
         write_jsonl(ctx.out_dir / "responses.jsonl", rows)
         q = quality.to_dict()
         (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
-        return {"quality": q, "samples": len(rows)}
+        return {"quality": q, "samples": len(rows), "seeds": seed_counts(rows)}
 
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 3  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order
+    version = 4  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    # 4: each sample says whether its seed was honoured
     role = "teacher"
     with_constitution = True
     reads = ("models.teacher", "filters", "expect", "data.samples_per_prompt") + _Responses.SHARDS
@@ -94,7 +95,8 @@ class TeacherResponses(_Responses):
 
 class StudentResponses(_Responses):
     name = "student-responses"
-    version = 3  # 2: reasoning taken out (unfinished_thinking fails a reply); 3: samples per prompt, stratified order
+    version = 4  # 2: reasoning taken out (unfinished_thinking fails a reply); 3: samples per prompt, stratified order;
+    # 4: each sample says whether its seed was honoured
     role = "student"
     with_constitution = False
     reads = ("models.student", "expect", "data.samples_per_prompt") + _Responses.SHARDS
