@@ -391,3 +391,17 @@ def test_a_bucket_that_does_not_exist_is_one_line(specs, tmp_path, monkeypatch, 
         err = capsys.readouterr().err
         assert err.startswith("charbuild: cannot use the cache at s3://no-such-bucket-here/x: no such bucket"), err
         assert len(err.splitlines()) == 1
+
+
+def test_a_worker_puts_back_what_an_emptied_bucket_lost_instead_of_rebuilding_it(specs, url, s3, worker, log):
+    # The bucket lost its objects (a lifecycle rule, a bucket made anew) while a worker kept
+    # its working cache, which remembers having published them: it must ask the bucket.
+    worker("a")
+    plan, _ = build(specs / "smoke-small.yaml", url)
+    for k in list(s3.keys(prefix_of(url))):
+        s3.client.delete_object(Bucket=s3.bucket, Key=k)
+    assert not list(s3.keys(prefix_of(url)))
+    _, report = build(specs / "smoke-small.yaml", url)  # the same worker, its cache intact
+    assert report.built == [] and len(events(log)) == 4  # nothing built again
+    stored = set(s3.keys(prefix_of(url)))
+    assert all(manifest_key(url, r.key) in stored for r in plan.rows)  # and every target is back

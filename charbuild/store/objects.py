@@ -264,7 +264,11 @@ class Cache:
     def _ensure_published(self, real: str) -> None:
         """Upload a verified local object the store lacks: one committed here by a run
         killed before its upload ended (or its manifest) is not lost to other workers."""
-        if self.index.get(self._published_key(real)) is not None or real in self._remote_manifests:
+        # The store itself is asked, not only this worker's memory of having published: a
+        # bucket emptied or recreated since (lifecycle rules, a new test server) would
+        # otherwise never get the object back, and every other worker would rebuild it.
+        if real in self._remote_manifests or self._remote_has(real):
+            self._mark_published(real)
             return
         m = None
         with contextlib.suppress(OSError, ValueError):

@@ -44,6 +44,10 @@ def main() -> int:
     t0 = time.monotonic()
     with S3Server(own_process=True) as s3, tempfile.TemporaryDirectory() as d:
         work = Path(d)
+        # A working cache of its own, for the driver and (set before the nodes start, whose
+        # workers inherit it) every worker: objects an earlier run left on this machine would
+        # be uploaded rather than built, and the smoke would build nothing.
+        os.environ["CHARBUILD_LOCAL_CACHE"] = str(work / "working-cache")
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                                 "object_store_memory": 100 * MB})
         cluster.add_node(num_cpus=1, object_store_memory=100 * MB)
