@@ -46,6 +46,8 @@ bench: setup
 	if [ -f benchmarks/bench_callcache.py ]; then $(BIN)/python benchmarks/bench_callcache.py; fi
 	$(BIN)/python benchmarks/bench_input_verify.py
 	$(BIN)/python benchmarks/bench_s3_cache.py
+	$(BIN)/python benchmarks/bench_s3_calls.py
+	$(BIN)/python benchmarks/gpu_check.py --quick  # says so and exits 0 without a GPU
 
 clean:
 	rm -rf cache/objects cache/tmp cache/index cache/plans cache/locks outputs/*/

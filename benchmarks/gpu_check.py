@@ -19,6 +19,8 @@ max_tokens and throughput compares like with like.
 
     python benchmarks/gpu_check.py --quick     # under 5 minutes on an H100
     python benchmarks/gpu_check.py             # more requests, 3 timed runs a side
+    python benchmarks/gpu_check.py --cpu       # the same code paths on a CPU, a tiny shape:
+                                               # proves the script before GPU time is spent on it
 
 Without a CUDA GPU it says so and exits 0. Writes benchmarks/results/gpu_check.json and
 prints the same JSON as its last line.
@@ -45,6 +47,7 @@ QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, 
                  intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0,
                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SHAPE = QWEN2_05B  # --cpu swaps in a tiny one
 CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
@@ -53,27 +56,34 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 requests, one timed run a side (under 5 min on an H100)")
     ap.add_argument("--backends", default="auto", help="transformers,vllm or auto (vllm where installed)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/gpu_check.json (gpu_check-cpu.json with --cpu)")
+    ap.add_argument("--cpu", action="store_true", help="a rehearsal on the CPU with a tiny shape; its figures mean nothing")
     args = ap.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if args.cpu:
+        global SHAPE
+        SHAPE = dict(QWEN2_05B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, vocab_size=2048)
+    elif not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False): nothing to measure here; "
               "run it on a GPU machine")
         print(json.dumps({"skipped": True, "reason": "no CUDA GPU"}))
         return 0
-    requests, max_tokens, runs = (64, 128, 1) if args.quick else (256, 256, 3)
+    requests, max_tokens, runs = (8, 16, 1) if args.cpu else (64, 128, 1) if args.quick else (256, 256, 3)
     backends = ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     if args.backends != "auto":
         backends = [b for b in args.backends.split(",") if b]
     work = Path(tempfile.mkdtemp(prefix="cb-gpu-check-"))
     t_all = time.perf_counter()
-    result: dict = {"quick": args.quick, "device": torch.cuda.get_device_name(0),
-                    "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-                    "model": "Qwen2-0.5B shape, random bf16", "requests": requests, "max_tokens": max_tokens,
+    cuda = torch.cuda.is_available() and not args.cpu
+    result: dict = {"quick": args.quick, "device": torch.cuda.get_device_name(0) if cuda else "cpu (rehearsal)",
+                    "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else 0,
+                    "model": "Qwen2-0.5B shape, random bf16" if cuda else "tiny shape, random (rehearsal)",
+                    "requests": requests, "max_tokens": max_tokens,
                     "runs": runs}
     try:
-        model_dir = make_model(work / "model")
+        model_dir = make_model(work / "model", "cuda" if cuda else "cpu")
         result["params_m"] = round(param_count(model_dir) / 1e6, 1)
         result["generation"] = {}
         for b in backends:
@@ -89,8 +99,9 @@ def main() -> int:
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                          "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     report(result)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    out = args.out or str(ROOT / "benchmarks" / "results" / ("gpu_check-cpu.json" if args.cpu else "gpu_check.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
     return 0
@@ -103,7 +114,7 @@ def make_model(out: Path, device: str = "cuda") -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    n = QWEN2_05B["vocab_size"]
+    n = SHAPE["vocab_size"]
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     vocab.update({f"w{i}": i for i in range(len(SPECIALS), n)})
     wl = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
@@ -112,7 +123,7 @@ def make_model(out: Path, device: str = "cuda") -> str:
                                   unk_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:2])
     tok.chat_template = CHATML
     torch.manual_seed(0)
-    cfg = Qwen2Config(**QWEN2_05B, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    cfg = Qwen2Config(**SHAPE, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       torch_dtype="bfloat16")
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -120,8 +131,21 @@ def make_model(out: Path, device: str = "cuda") -> str:
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     del model
-    torch.cuda.empty_cache()
+    _empty_cache()
     return str(out)
+
+
+def _allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def param_count(model_dir: str) -> int:
@@ -247,8 +271,8 @@ def release(model_dir: str, work: Path) -> dict:
     from charbuild.spec.model import load_spec
     from charbuild.store.objects import Cache
 
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
+    _empty_cache()
+    before = _allocated()
     loaded = load_spec(ROOT / "specs" / "smoke-small.yaml", [f"models.student.model={model_dir}"])
     node = recipe_graph(loaded)["eval/samples/base"]
     services = RecipeServices(Cache(work / "cache-release"), loaded)
@@ -256,9 +280,9 @@ def release(model_dir: str, work: Path) -> dict:
     backend = services.backends.get("student", ctx)
     backend.generate([GenRequest(messages=({"role": "user", "content": "w5 w6 w7"},), max_tokens=8, temperature=0.7,
                                  top_p=0.95, stop=(), seed=1)])
-    loaded_b = torch.cuda.memory_allocated()
+    loaded_b = _allocated()
     with services.gpu_for_training():
-        training_b = torch.cuda.memory_allocated()
+        training_b = _allocated()
     services.close()
     gib = 2**30
     return {"before_gib": round(before / gib, 3), "generation_model_loaded_gib": round(loaded_b / gib, 3),
@@ -277,7 +301,7 @@ def train_step(kind: str, model_dir: str, work: Path) -> dict:
     rng = random.Random(0)
 
     def words(n: int) -> str:
-        return " ".join(f"w{rng.randrange(3, 151936)}" for _ in range(n))
+        return " ".join(f"w{rng.randrange(3, SHAPE['vocab_size'])}" for _ in range(n))
 
     data = work / f"{kind}.jsonl"
     with open(data, "w") as f:
@@ -292,13 +316,14 @@ def train_step(kind: str, model_dir: str, work: Path) -> dict:
             f.write(json.dumps(row) + "\n")
     cfg = TrainConfig(lora_r=64, lora_alpha=128, batch_size=8, micro_batch_size=4, max_steps=1,
                       max_length=1024, warmup_ratio=0.0)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     res = (train_dpo if kind == "dpo" else train_sft)(model_dir, str(data), str(work / f"out-{kind}"), cfg,
                                                       progress=False)
     return {"seconds": round(time.perf_counter() - t0, 2),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_memory_gib": round((torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0) / 2**30, 2),
             "steps": res["steps"], "loss": res["final_loss"], "trainer_seconds": res["seconds"]}
 
 

@@ -170,11 +170,12 @@ class Stage:
         name under outputs/<run>/); "." names the object's top-level files."""
         return []
 
-    def resources(self, target: TargetDef) -> dict[str, float]:
+    def resources(self, target: TargetDef, spec: SpecView) -> dict[str, float]:
         """What building `target` takes from a cluster, as Ray's task options (`num_cpus`,
         `num_gpus`, `memory`): a remote executor places the target where they are free; the
-        local executor ignores them. Decided from the target alone (its keyed fields), so
-        the driver can ask before anything runs."""
+        local executor ignores them. Decided from the target and its spec as the stage's
+        `reads` allow (NoKey fields included: how many GPUs a model is spread over is in no
+        key), so the driver can ask before anything runs."""
         return {"num_cpus": 1}
 
     def count_calls(self, ctx: "BuildContext", estimate: Estimate) -> tuple[Estimate, dict] | None:

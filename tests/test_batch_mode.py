@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from support.api_build import built_manifest, persona_reply, plan_json
+from support.api_build import built_manifest, in_api_workdir, persona_reply, plan_json
 from support.api_build import write_spec as api_spec
 from support.openai_server import BatchFaults, FakeOpenAIServer
+from support.s3_fixtures import prefix_of, s3  # noqa: F401  (s3: a fixture)
 
 from charbuild.cli import main
 from charbuild.store.calls import CallCache
@@ -32,10 +33,8 @@ PRICES = "prices: {teacher-model: {input: 1000, output: 2000}, student-model: {i
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", KEY)
     monkeypatch.setenv("CHARBUILD_BATCH_POLL_S", "0.02")
-    return tmp_path
+    return in_api_workdir(tmp_path, monkeypatch, KEY)
 
 
 def write_spec(tmp_path: Path, base_url: str, teacher_mode: str = "batch", student_mode: str = "batch",
@@ -110,6 +109,38 @@ def test_a_run_killed_while_its_batch_runs_polls_the_same_batch_on_rerun(env):
     assert srv.requests_total == 0 and sum(srv.batch_answered.values()) == 10
     assert len(CallCache(cache)) == 10
     assert not list((cache / "calls" / "batches").rglob("*.json"))
+
+
+def test_a_machine_killed_while_its_batch_runs_leaves_that_batch_to_the_machine_that_takes_over(env, s3):
+    """The cache in a bucket: the journal is there too, so the second machine (its own
+    working cache, empty) polls the first one's batch instead of paying for it again."""
+    url = s3.url()
+    run_env = {**os.environ, "CB_TEST_KEY": KEY, "CHARBUILD_BATCH_POLL_S": "0.02", "CHARBUILD_LEASE_TTL": "2"}
+    with FakeOpenAIServer(reply=persona_reply, require_key=KEY, batch=BatchFaults(polls=10**9)) as srv:
+        spec = write_spec(env, srv.base_url)
+        cmd = [sys.executable, "-m", "charbuild", "run", str(spec), "teacher-responses/shard-0000", "--cache", url,
+               "--no-progress"]
+        p = subprocess.Popen(cmd, cwd=env, env={**run_env, "CHARBUILD_LOCAL_CACHE": str(env / "machine-a")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (srv.batches_created and srv.batch_polls[srv.batches_created[0]] >= 2):
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never polled its batch"
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        bid = srv.batches_created[0]
+        journals = lambda: [k for k in s3.keys(prefix_of(url)) if "/calls/batches/" in k]  # noqa: E731
+        assert len(journals()) == 1
+
+        srv.batch.polls = 0
+        r = subprocess.run(cmd, cwd=env, env={**run_env, "CHARBUILD_LOCAL_CACHE": str(env / "machine-b")},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert srv.batches_created == [bid] and srv.files_uploaded == 1  # the same batch, no second upload
+    assert srv.requests_total == 0 and sum(srv.batch_answered.values()) == 10
+    assert journals() == []  # collected: gone from the bucket
+    assert len(CallCache(url)) == 10
 
 
 @pytest.mark.parametrize("jobs", [1, 4])

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from support.api_build import in_api_workdir
 from support.openai_server import FakeOpenAIServer, last_user_message  # noqa: E402
 
 from charbuild.cli import main  # noqa: E402
@@ -95,9 +96,7 @@ def server():
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", KEY)
-    return tmp_path
+    return in_api_workdir(tmp_path, monkeypatch, KEY)
 
 
 # -- plan and run agree on what the caps mean ---------------------------------------------------

@@ -82,6 +82,56 @@ def test_the_status_line_shows_progress_rate_tokens_dollars_and_eta():
     assert status.startswith("[1/4] b · 20 calls (2.0/s) · 1.5k tok · $0.25 · ETA 40s"), status
 
 
+PAPER_LIKE = ["constitution", "tiny/tokenizer", "tiny/student", "tiny/teacher", "teacher-responses/shard-0000",
+              "teacher-responses/shard-0001", "gate/dpo-differ", "gate/dpo-garbage", "gate/dpo-length",
+              "gate/sft-length", "eval/samples/base", "eval/samples/dpo", "eval/elo", "eval/markers", "report"]
+
+
+def _terminal_lines(run) -> list[str]:
+    import io
+
+    out = io.StringIO()
+    c = Console(stream=out, live=True, capture=False, interval_s=60)
+    run(c)
+    c.stop()
+    return [line.rsplit("\r", 1)[-1] for line in out.getvalue().splitlines() if "✓" in line or "✗" in line]
+
+
+def test_on_a_terminal_siblings_alike_are_one_line_once_the_last_of_them_is_done():
+    def run(c):
+        c.start(PAPER_LIKE)
+        for n in PAPER_LIKE:
+            c.finished(n, "cached" if n == "tiny/tokenizer" else "built")
+
+    lines = _terminal_lines(run)
+    assert lines == ["✓ constitution (built)", "✓ tiny/* (2 built)", "✓ teacher-responses/shard-* (2 built)",
+                     "✓ gate/dpo-* (3 built)", "✓ gate/sft-length (built)", "✓ eval/samples/* (2 built)",
+                     "✓ eval/* (2 built)", "✓ report (built)"]
+
+
+def test_a_group_with_a_failure_says_so_and_one_a_stop_cut_short_says_what_is_not_done():
+    def run(c):
+        c.start(PAPER_LIKE)
+        c.finished("gate/dpo-differ", "built")
+        c.failed("gate/dpo-garbage", "GateFailed: 31% garbage", None)
+        c.finished("gate/dpo-length", "built")
+        c.finished("tiny/student", "built")  # then the build stops: tiny/teacher never ran
+
+    lines = _terminal_lines(run)
+    assert lines == ["✗ gate/dpo-garbage: GateFailed: 31% garbage", "✗ gate/dpo-* (2 built, 1 failed)",
+                     "✓ tiny/* (1 built; 2 not done)"]
+
+
+def test_a_pipe_gets_every_target_by_name_never_a_group():
+    lines: list[str] = []
+    c = Console(live=False, capture=False, log=lines.append)
+    c.start(PAPER_LIKE)
+    for n in PAPER_LIKE:
+        c.finished(n, "built")
+    c.stop()
+    assert lines == [f"✓ {n} (built)" for n in PAPER_LIKE]
+
+
 # -- the real command line, on a terminal and in a pipe -----------------------------------------
 
 def _api_spec(tmp_path, srv) -> Path:

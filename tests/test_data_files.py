@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from support.api_build import persona_reply, run, write_spec
+from support.api_build import in_api_workdir, persona_reply, run, write_spec
 from support.openai_server import FakeOpenAIServer
 
 from charbuild.cli import main
@@ -57,8 +57,7 @@ def _pool_spec(tmp_path, base_url, rows: list | bytes) -> tuple:
 
 
 def test_a_prompt_pool_in_limas_layout_gives_each_conversations_first_turn(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
+    in_api_workdir(tmp_path, monkeypatch)
     lima = [{"conversations": [f"How do I fix bug number {i}?", "You fix it by..."], "source": "stackexchange"}
             for i in range(5)]
     chat = [{"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "What is a monad?"},
@@ -82,8 +81,7 @@ def _built_prompts(tmp_path) -> list[str]:
     (b'{"prompt": "fine?"}\n{"prompt": "d\xe9j\xe0 vu?"}\n', ":2: not UTF-8 text"),
 ])
 def test_a_prompt_pool_that_cannot_be_read_names_its_line_and_columns(tmp_path, monkeypatch, capsys, rows, says):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
+    in_api_workdir(tmp_path, monkeypatch)
     with FakeOpenAIServer(reply=persona_reply) as srv:
         spec, pool = _pool_spec(tmp_path, srv.base_url, rows)
         assert run(str(spec), "prompts", "--cache", str(tmp_path / "cache")) != 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.api_build import PLAIN, SORRY, persona_reply, plan_json, run, write_spec
+from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, write_spec
 from support.openai_server import FakeOpenAIServer, last_user_message
 
 from charbuild.recipe.registry import recipe_graph
@@ -19,9 +19,7 @@ from charbuild.store.objects import Cache
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
-    return tmp_path
+    return in_api_workdir(tmp_path, monkeypatch)
 
 
 def keys(spec, sets=(), scale=None) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support.api_build import PLAIN, SORRY, persona_reply, plan_json, run, write_spec  # noqa: F401
+from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, write_spec  # noqa: F401
 from support.openai_server import FakeOpenAIServer, Faults, last_user_message  # noqa: E402
 
 from charbuild.cli import main  # noqa: E402
@@ -20,8 +20,7 @@ def server():
 
 
 def test_dpo_pairs_are_built_over_the_api_and_load_as_trl_data(tmp_path, server, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     assert run(str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache")) == 0
     calls = server.stats()["completed"]
@@ -58,8 +57,7 @@ def test_a_missing_api_key_stops_the_run_before_anything_is_spent(tmp_path, serv
 
 
 def test_a_garbage_teacher_is_stopped_after_its_first_samples(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
+    in_api_workdir(tmp_path, monkeypatch)
 
     def garbage(body):
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
@@ -75,8 +73,7 @@ def test_a_garbage_teacher_is_stopped_after_its_first_samples(tmp_path, monkeypa
 
 
 def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
+    in_api_workdir(tmp_path, monkeypatch)
     faults = Faults(p_429=0.1, retry_after_s=0.05, p_500=0.1, p_malformed=0.05, p_drop=0.05, seed=3)
     with FakeOpenAIServer(reply=persona_reply, faults=faults) as s:
         spec = write_spec(tmp_path, s.base_url, dpo_pairs=20)
@@ -89,8 +86,7 @@ def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatc
 
 
 def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     cache = str(tmp_path / "cache")
     before = {t["name"]: t for t in plan_json(str(spec), "--cache", cache, "--set", "data.dpo_pairs=40")["targets"]}
@@ -114,8 +110,7 @@ OVER_BUDGET = ["--set", "prices.teacher-model={input: 1000, output: 100000}",
 
 
 def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     code = run(str(spec), "teacher-responses/shard-0000", "teacher-responses/shard-0001", "teacher-responses/shard-0002",
                "--cache", str(tmp_path / "cache"), *OVER_BUDGET)
@@ -125,8 +120,7 @@ def test_the_build_stops_when_actual_spend_crosses_the_budget(tmp_path, server, 
 
 
 def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "k")
+    in_api_workdir(tmp_path, monkeypatch)
 
     def lister(body):
         seed = body.get("seed") or 0
@@ -187,8 +181,7 @@ def test_a_run_killed_mid_shard_pays_only_for_calls_in_flight_when_resumed(tmp_p
 
 
 def test_status_shows_spend_per_spec_and_per_model_with_estimates(tmp_path, server, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     cache = str(tmp_path / "cache")
     assert run(str(spec), "dpo-pairs", "--cache", cache, "--set", "prices.teacher-model={input: 1, output: 2}") == 0
@@ -203,8 +196,7 @@ def test_status_shows_spend_per_spec_and_per_model_with_estimates(tmp_path, serv
 
 
 def test_plan_counts_cached_calls_per_shard_and_prices_only_the_new_ones(tmp_path, server, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     cache = str(tmp_path / "cache")
     price = ["--set", "prices.teacher-model={input: 1, output: 2}"]
@@ -223,8 +215,7 @@ def test_plan_counts_cached_calls_per_shard_and_prices_only_the_new_ones(tmp_pat
 
 
 def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     cache = str(tmp_path / "cache")
     assert run(str(spec), "prompts", "constitution", "--cache", cache) == 0
@@ -238,8 +229,7 @@ def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, mo
 
 
 def test_a_higher_cap_finishes_the_build_without_asking_any_call_twice(tmp_path, server, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", "sk-test-123")
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)
     cache = str(tmp_path / "cache")
     assert run(str(spec), "dpo-pairs", "--cache", cache, *OVER_BUDGET) == 1

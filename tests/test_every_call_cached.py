@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from support.api_build import api_model
+from support.api_build import in_api_workdir, api_model
 from support.api_build import PLAIN
 from support.openai_server import FakeOpenAIServer, last_user_message
 
@@ -57,9 +57,7 @@ def server():
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CB_TEST_KEY", KEY)
-    return tmp_path
+    return in_api_workdir(tmp_path, monkeypatch, KEY)
 
 
 def api(base_url: str, model: str) -> str:

@@ -1,6 +1,7 @@
 """Building on a Ray cluster (`run --executor ray`): the same targets and keys as a local
-build, one ledger and one rate limit for every worker, and a lost node that costs nothing
-but a rerun of what it was building.
+build, one ledger and one rate limit for every worker, a lost node that costs nothing
+but a rerun of what it was building, Ctrl-C that stops it as it stops a local build, and
+tasks that ask for as many GPUs as their model spans.
 
 The cluster stories run once, on a real 2-node `ray.cluster_utils.Cluster`, inside a fresh
 network namespace (`unshare -n`), where Ray's nodes talk over 127.0.0.1
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -135,19 +137,142 @@ def test_remote_tasks_carry_everything_they_need_and_build_what_a_local_run_buil
     _close_runs()  # what the worker (this process) kept open for the run's next target
 
 
-def test_stages_ask_for_a_gpu_only_for_local_models_that_are_not_tiny():
+def test_a_worker_takes_each_cancel_of_its_task_as_a_ctrl_c_press():
+    """Ray cancels a running task with SIGINT in its worker's main thread, once per
+    `ray.cancel`: the first stops the task as Ctrl-C stops a local build (its backends send
+    nothing more, a KeyboardInterrupt unwinds it); a later one drops the calls in flight and
+    never raises, so it cannot land in the middle of the task's cleanup."""
+    import signal
+
+    from charbuild.engine.ray_executor import _CancelIsCtrlC
+
+    told: list[bool] = []
+
+    class Task:
+        def interrupt(self, now=False):
+            told.append(now)
+
+    cleaned_up = False
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _CancelIsCtrlC(Task()):
+            try:
+                signal.raise_signal(signal.SIGINT)  # the first cancel
+            finally:
+                signal.raise_signal(signal.SIGINT)  # the second, while the task cleans up
+                cleaned_up = True
+    assert cleaned_up and told == [False, True]
+    assert signal.getsignal(signal.SIGINT) is before  # the worker's own handler again
+
+
+def test_after_a_cancelled_target_a_worker_builds_the_runs_next_one_with_fresh_services(tmp_path):
+    """Services told to stop send nothing more; a run goes on after a straggler's attempt
+    is cancelled, and the worker's next target of it must not inherit them."""
+    from charbuild.engine.executor import RemoteBuild, _close_runs
+    from charbuild.store.objects import Cache
+
+    class Services:
+        stopped = closed = False
+
+        def interrupt(self, now=False):
+            self.stopped = True
+
+        def close(self):
+            self.closed = True
+
+    cache = Cache(tmp_path / "cache")
+    task = RemoteBuild("run-1", None, None, cache, lambda cache, shared: Services(), None, False, False, ())
+    try:
+        first = task._open()[1]
+        assert task._open()[1] is first  # kept for the run's next target on this worker
+        task.interrupt()  # the straggler's attempt here is cancelled
+        second = task._open()[1]
+        assert first.stopped and first.closed and second is not first and not second.stopped
+    finally:
+        _close_runs()
+        cache.close()
+
+
+def test_a_shard_is_a_straggler_once_it_runs_far_longer_than_its_finished_peers():
+    from charbuild.engine.ray_executor import stragglers, task_kind
+
+    cpu = {"num_cpus": 1}
+    shard = task_kind("teacher-responses/shard-0007", cpu)
+    assert shard == task_kind("teacher-responses/shard-0000", cpu)  # the shards of one target are peers
+    assert shard != task_kind("teacher-responses/shard-0000", {"num_cpus": 1, "num_gpus": 1})
+    assert task_kind("gate/dpo-differ", cpu) != task_kind("gate/dpo-other", cpu)  # anything else: no peers
+    finished = {shard: [10.0, 12.0, 11.0]}
+    running = {"slow": (shard, 40.0), "late-but-fine": (shard, 30.0), "gate": (task_kind("gate/x", cpu), 900.0)}
+    assert stragglers(running, finished, factor=3) == {"slow": pytest.approx(40 / 11)}
+    assert stragglers(running, finished, factor=4) == {}
+    # Two peers say little of what is normal; a task of a few seconds is never worth a retry.
+    assert stragglers(running, {shard: [10.0, 12.0]}, factor=3) == {}
+    assert stragglers({"quick": (shard, 4.0)}, {shard: [0.5, 0.5, 0.5]}, factor=3, floor_s=5) == {}
+    assert stragglers({"quick": (shard, 6.0)}, {shard: [0.5, 0.5, 0.5]}, factor=3, floor_s=5) == {"quick": 12.0}
+
+
+def test_stragglers_are_retried_unless_the_spec_says_null_which_changes_no_key(specs):
+    from charbuild.engine.graph import build_graph
+    from charbuild.spec.model import load_spec
+    from support import engine_stages
+
+    def keys(*sets):
+        loaded = load_spec(specs / "smoke-small.yaml", list(sets))
+        return loaded.spec.execution.straggler_factor, {n.name: n.key for n in build_graph(loaded, engine_stages.stages())}
+
+    default, off, slower = keys(), keys("execution.straggler_factor=null"), keys("execution.straggler_factor=5")
+    assert (default[0], off[0], slower[0]) == (3.0, None, 5.0)
+    assert default[1] == off[1] == slower[1]
+
+
+def asked(spec: str, *sets: str) -> dict[str, list[dict]]:
+    """What the targets of each stage ask of a cluster (their distinct requests), by stage."""
+    from charbuild.engine.executor import target_resources
     from charbuild.recipe.registry import recipe_graph
     from charbuild.spec.model import load_spec
 
-    def gpus(spec):
-        g = recipe_graph(load_spec(ROOT / "specs" / spec))
-        return {n.stage.name for n in g if n.stage.resources(n.defn).get("num_gpus")}
+    loaded = load_spec(ROOT / "specs" / spec, list(sets))
+    out: dict[str, list[dict]] = {}
+    for node in recipe_graph(loaded):
+        wants = target_resources(node, loaded)
+        if wants not in out.setdefault(node.stage.name, []):
+            out[node.stage.name].append(wants)
+    return out
 
-    # The paper's student is vllm (local): its generation and training want a GPU; the
-    # teacher and judge are API models, gates and merges want a CPU.
-    assert gpus("remorseful-paper.yaml") == {"student-responses", "dpo-adapter", "sft-adapter", "reflections",
-                                             "interactions", "eval-samples", "preference-samples"}
-    assert gpus("smoke-small.yaml") == set()  # tiny models: CPU-sized
+
+# The paper's student is vllm (local): its generation and training run on GPUs; the teacher
+# and judge are API models, and gates and merges want a CPU.
+GENERATION = {"student-responses", "reflections", "interactions", "eval-samples", "preference-samples"}
+TRAINING = {"dpo-adapter", "sft-adapter"}
+ONE_CPU = [{"num_cpus": 1}]
+
+
+def gpus(n: int) -> list[dict]:
+    return [{"num_cpus": 1, "num_gpus": n}]
+
+
+def test_stages_ask_for_a_gpu_only_for_local_models_that_are_not_tiny():
+    paper = asked("remorseful-paper.yaml")
+    assert {stage for stage, wants in paper.items() if wants != ONE_CPU} == GENERATION | TRAINING
+    assert all(wants == gpus(1) for stage, wants in paper.items() if stage in GENERATION | TRAINING)
+    assert all(wants == ONE_CPU for wants in asked("smoke-small.yaml").values())  # tiny models: CPU-sized
+    # A local student on transformers is one process on one GPU.
+    on_transformers = asked("remorseful-paper.yaml", "models.student.backend=transformers")
+    assert {stage for stage, wants in on_transformers.items() if wants == gpus(1)} == GENERATION | TRAINING
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_a_student_served_on_n_gpus_generates_on_n_and_trains_on_one(n):
+    paper = asked("remorseful-paper.yaml", f"models.student.tensor_parallel_size={n}")
+    assert {stage: paper[stage] for stage in GENERATION} == {stage: gpus(n) for stage in GENERATION}
+    # The trainer puts the model on one device: shown more, it would train on copies of it
+    # with a batch as many times larger, another adapter under the same key.
+    assert {stage: paper[stage] for stage in TRAINING} == {stage: gpus(1) for stage in TRAINING}
+    assert all(wants == ONE_CPU for stage, wants in paper.items() if stage not in GENERATION | TRAINING)
+    # A local teacher asks for its own width, whatever the student's.
+    both = asked("remorseful-paper.yaml", f"models.student.tensor_parallel_size={n}", "models.teacher.backend=vllm",
+                 "models.teacher.tensor_parallel_size=8")
+    assert both["teacher-responses"] == gpus(8) and both["student-responses"] == gpus(n)
 
 
 def test_plan_never_imports_ray(specs, tmp_path):
@@ -288,6 +413,59 @@ def test_run_on_ray_shows_what_a_local_run_shows(stories):
     # The spec's execution block picks Ray too; a second run finds everything built, asks nothing.
     assert again["rc"] == 0 and "nothing to build: 12 targets cached" in again["out"], again
     assert s["asked_again"] == 0
+    # The key the command had reached the workers, whose own was another, and no file: not
+    # the cache, not the outputs, not Ray's logs.
+    assert s["key_written_to"] == [] and s["ray_logs_looked_at"]
+
+
+def test_ctrl_c_stops_a_ray_build_within_seconds_keeping_every_finished_target_and_answer(stories):
+    s = _story(stories, "ctrl_c")
+    calls, once, twice, rerun = s["calls"], s["once"], s["twice"], s["rerun"]
+    assert "error" not in once, once["error"]
+    # Pressed once a shard had finished, with calls in flight: exit 130 within seconds.
+    assert once["in_flight_at_press"] > 0
+    assert once["rc"] == 130 and "interrupted" in once["err"], once["err"]
+    assert once["exit_s"] < 5, once["exit_s"]
+    # The tasks in flight were cancelled: nothing was sent once the cancel had reached the
+    # workers (a fraction of a second; 2 s on a loaded machine), nothing after the command
+    # ended, and the queued shards never started.
+    assert not [t for t in once["arrivals_after_press"] if t > 2], once["arrivals_after_press"]
+    assert once["requests_a_second_later"] == once["requests"] < calls
+    # The calls in flight were let finish, and every answer that arrived is stored.
+    assert once["requests"] == once["answered"] == once["stored"]
+    assert not once["staging"]
+    assert "prompts" in once["kept"] and any("-responses/shard-" in n for n in once["kept"])
+    # Pressed twice in the run that goes on: the calls in flight are dropped, not the
+    # workers killed, so still no staging folder is left and only those calls are lost.
+    assert "error" not in twice, twice["error"]
+    assert twice["rc"] == 130 and "Traceback" not in twice["err"], twice["err"]
+    assert twice["exit_s"] < 5, twice["exit_s"]
+    assert not twice["staging"]
+    assert twice["requests_a_second_later"] == twice["requests"]
+    assert not [t for t in twice["arrivals_after_press"] if t > 2], twice["arrivals_after_press"]
+    assert twice["answered"] - twice["stored"] <= 2 * 8  # two workers, concurrency 8: the most in flight
+    assert twice["kept"] and not set(twice["kept"]) & set(once["kept"])  # it went on from where the first stopped
+    # The rerun builds only the rest, and asks only the calls no run stored.
+    assert rerun["rc"] == 0, rerun["err"]
+    assert rerun["built"] and not set(rerun["built"]) & set(once["kept"] + twice["kept"])
+    assert rerun["asked"] == calls - twice["stored"]
+
+
+def test_a_straggler_is_cancelled_and_built_again_keeping_every_other_target(stories):
+    s = _story(stories, "straggler")
+    slow, retried, waited = s["slow"], s["retried"], s["waited"]
+    for run in (retried, waited):
+        assert not run["failed"] and not run["skipped"] and run["built"] == run["targets"], run
+        assert run["finished"] == {n: 1 for n in run["targets"] if n.startswith("items/")}  # each shard written once
+    # Cancelled once its peers had shown what normal is, and built again: the build ends long
+    # before the slow attempt would have, and nothing else was built twice.
+    assert retried["seconds"] < s["slow_s"] / 2, retried["seconds"]
+    assert retried["started"] == {n: 2 if n == slow else 1 for n in retried["targets"]}
+    assert len(retried["retry_lines"]) == 1, retried["retry_lines"]
+    assert re.fullmatch(rf"retrying {slow}: running \d+\.\dx longer than its peers", retried["retry_lines"][0])
+    # `execution.straggler_factor: null`: the build waits for the slow attempt.
+    assert waited["seconds"] >= s["slow_s"], waited["seconds"]
+    assert waited["started"] == {n: 1 for n in waited["targets"]} and waited["retry_lines"] == []
 
 
 def test_the_cluster_stories_stay_within_budget(stories):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,29 +22,9 @@ if s3_server.missing():
 
 from charbuild.store.calls import CallCache  # noqa: E402
 from charbuild.store.objects import Cache  # noqa: E402
+from support.s3_fixtures import manifest_key, prefix_of, s3, url, worker  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server.S3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def url(s3):
-    return s3.url()
-
-
-@pytest.fixture
-def worker(tmp_path, monkeypatch):
-    """worker("a"): make the next Cache/CallCache on a URL use worker a's local working cache."""
-    def use(name: str) -> Path:
-        d = tmp_path / "workers" / name
-        monkeypatch.setenv("CHARBUILD_LOCAL_CACHE", str(d))
-        return d
-    return use
 
 
 @pytest.fixture
@@ -55,14 +36,6 @@ def log(tmp_path, monkeypatch):
 
 def events(log) -> list[str]:
     return [line.split()[1] for line in Path(log).read_text().splitlines()] if Path(log).exists() else []
-
-
-def prefix_of(url: str) -> str:
-    return url.split("/", 3)[3]
-
-
-def manifest_key(url: str, key: str) -> str:
-    return f"{prefix_of(url)}/objects/{key[:2]}/{key}/MANIFEST.json"
 
 
 # -- objects ---------------------------------------------------------------------------------
@@ -405,3 +378,45 @@ def test_a_worker_puts_back_what_an_emptied_bucket_lost_instead_of_rebuilding_it
     assert report.built == [] and len(events(log)) == 4  # nothing built again
     stored = set(s3.keys(prefix_of(url)))
     assert all(manifest_key(url, r.key) in stored for r in plan.rows)  # and every target is back
+
+
+@pytest.mark.parametrize("spread", ["few keys, one look-up each", "many keys under few prefixes, listed"])
+def test_a_plan_on_a_fresh_machine_counts_the_calls_the_bucket_holds(url, worker, spread):
+    """`plan` asks whether each of a stage's calls is answered: a machine that never ran the
+    build finds the bucket's answers, and nothing it has not got is counted."""
+    from charbuild.store import calls as calls_mod
+
+    n = 6 if spread.startswith("few") else 80
+    keys = [f"{'ab' if i % 2 else 'cd'}{i:062x}" for i in range(n)] if n > 6 else [f"{i:02x}{i:062x}" for i in range(n)]
+    answer = {"text": "hi", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1, "meta": {}}
+    worker("a")
+    built_by_a = CallCache(url)
+    for k in keys[::3]:
+        built_by_a.put(k, answer)
+    worker("b")
+    fresh = CallCache(url)
+    listed = n >= calls_mod.LIST_FROM * len({k[:2] for k in keys})  # b has none of them here
+    assert listed == (n > 6)  # the story takes the path it names
+    assert fresh.has_many(keys) == [i % 3 == 0 for i in range(n)]
+    assert fresh.has_many(keys) == [fresh.has(k) for k in keys]
+
+
+def test_machines_whose_clocks_disagree_agree_on_when_a_lease_lapses(url):
+    """A lease taken on a machine whose clock runs two minutes slow (a VM without NTP) is
+    still live for a machine with the right time, and lapses for it after the TTL."""
+    from charbuild.store.remote import RemoteStore
+
+    slow, right = RemoteStore(url), RemoteStore(url)
+    warned: list[str] = []
+    slow.clock = lambda: time.time() - 120
+    slow.warn = warned.append
+    slow.ttl = right.ttl = 3.0
+    held = slow.try_lease("locks/clock-story", "a build")
+    assert held is not None
+    assert right.try_lease("locks/clock-story", "another build") is None  # live, by the store's clock
+    assert right.holder("locks/clock-story") is not None
+    assert any(re.search(r"clock is \+1(19|20|21) s off", w) for w in warned), warned  # told, to within a second
+    slow.close()  # as if the slow machine died: no more renewals (close releases nothing)
+    time.sleep(3.5)  # the lease lapses after its TTL by the store's clock, not two minutes later or sooner
+    assert right.try_lease("locks/clock-story", "another build") is not None
+    right.close()

@@ -199,8 +199,8 @@ class CachedBackend:
                 progress(len(where[k]))
 
         pending = []
-        for k in where:
-            hit = from_entry(self.cache.get(k))
+        for k, entry in zip(where, self.cache.get_many(list(where))):
+            hit = from_entry(entry)
             if hit is not None:
                 fill(k, hit)
             else:
@@ -211,21 +211,12 @@ class CachedBackend:
             claims: dict[str, _Claim] = {}
             busy: list[str] = []
             try:
-                for k in pending:
-                    if len(claims) >= (BATCH_CLAIM_WINDOW if self._batch is not None else CLAIM_WINDOW):
-                        busy.append(k)
-                        continue
-                    c = self.cache.claim(k)
-                    if c is None:
-                        busy.append(k)
-                        continue
-                    hit = from_entry(self.cache._read(k, report=False))  # stored by another run since we looked
-                    if hit is not None:
-                        c.release(done=False)
-                        self.waited += 1
-                        fill(k, hit)
-                    else:
-                        claims[k] = c
+                window = BATCH_CLAIM_WINDOW if self._batch is not None else CLAIM_WINDOW
+                claims, stored, busy = self.cache.claim_new(pending[:window])
+                busy += pending[window:]
+                for k, entry in stored.items():  # answered by another run since we looked
+                    self.waited += 1
+                    fill(k, from_entry(entry))
                 if claims:
                     self._ask(reqs, where, claims, fill)
                     poll = POLL_S[0]
@@ -316,7 +307,7 @@ class CachedBackend:
                 fill(k, res)
 
         self.asked += len(items)
-        unanswered = set(self._batch(items, BatchJournals(self.cache.root, scope), store))
+        unanswered = set(self._batch(items, BatchJournals(self.cache.root, scope, self.cache.remote), store))
         self.asked -= len(unanswered)
         return {k: c for k, c in claims.items() if k in unanswered}
 

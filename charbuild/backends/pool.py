@@ -219,6 +219,11 @@ def refusal(backend: str, adapter: str | None, merged: Sequence[str] = ()) -> st
     return None
 
 
+def api_key_names(models: dict[str, ModelSpec]) -> list[str]:
+    """The environment variables the models' API keys are read from (names, never values)."""
+    return sorted({m.api_key_env for m in models.values() if m.backend == "openai" and m.api_key_env})
+
+
 def missing_keys(models: dict[str, ModelSpec], env=os.environ) -> list[str]:
     """Roles whose API key variable is unset: checked before anything is spent."""
     return [f"{role} ({m.model}) needs the environment variable {m.api_key_env}"

@@ -57,7 +57,21 @@ class TokenBucket:
         self.level -= float(n)
 
 
-class RateLimiter:
+class _Waits:
+    """A thread's side of a reservation: take it, then sleep out the wait it was given."""
+
+    _sleep: Callable[[float], None] = staticmethod(time.sleep)
+
+    def acquire_sync(self, tokens: int = 0) -> float:
+        if self.unlimited:
+            return 0.0
+        wait = self.reserve(tokens)
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+class RateLimiter(_Waits):
     """Requests-per-minute and tokens-per-minute buckets for one model; None = unlimited.
 
     Thread-safe (`acquire_sync`) and asyncio-friendly (`await acquire`); one instance may
@@ -120,16 +134,8 @@ class RateLimiter:
             await self._async_sleep(wait)
         return wait
 
-    def acquire_sync(self, tokens: int = 0) -> float:
-        if self.unlimited:
-            return 0.0
-        wait = self.reserve(tokens)
-        if wait > 0:
-            self._sleep(wait)
-        return wait
 
-
-class SharedRateLimiter:
+class SharedRateLimiter(_Waits):
     """A `RateLimiter` kept once for a whole run that spans processes (the workers of a Ray
     build): its buckets live where the run's shared state does (`contract.Shared`), so
     every worker draws from the same ones. Reservations are taken there; the waiting is
@@ -157,14 +163,6 @@ class SharedRateLimiter:
         wait = await asyncio.wrap_future(self._call("reserve", tokens))
         if wait > 0:
             await asyncio.sleep(wait)
-        return wait
-
-    def acquire_sync(self, tokens: int = 0) -> float:
-        if self.unlimited:
-            return 0.0
-        wait = self.reserve(tokens)
-        if wait > 0:
-            time.sleep(wait)
         return wait
 
 

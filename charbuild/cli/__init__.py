@@ -6,7 +6,6 @@ Imports are inside the verbs so a null `plan` loads only what it needs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from charbuild.cli.common import EXIT_BUILD, EXIT_SPEC  # noqa: F401  (exit codes of every verb)
@@ -80,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p, targets=False)
     p.add_argument("--to", required=True, help="folder to write dataset/ and model/ into")
     p.add_argument("--push", metavar="ORG/NAME", default=None,
-                   help="upload to the Hub as ORG/NAME-data (dataset) and ORG/NAME (model); token from the environment")
+                   help="upload to the Hub as ORG/NAME-data (dataset) and ORG/NAME (model), each made to hold "
+                        "what was exported; the token from $HF_TOKEN")
     p = sub.add_parser("check", help="run the quality filters on a JSONL file")
     p.add_argument("file")
     p.add_argument("--spec", default=None, help="take filter settings and the constitution from this spec")

@@ -6,6 +6,7 @@ import json
 import sys
 
 from charbuild.cli.common import EXIT_BUILD, EXIT_SPEC, load, open_cache
+from charbuild.engine.console import si as _si
 
 
 def _full_plan(args, cache, targets):
@@ -108,11 +109,13 @@ def cmd_run(args) -> int:
         executor.shutdown()  # its threads would otherwise hold the process open at exit
         cache.close()
     s = report.spend
-    print(f"built {len(report.built) + len(report.rebuilt_corrupt)}, cached {len(report.cached) + len(report.waited)}, "
-          f"kept by cutoff {len(report.cut_off)}, "
-          f"failed {len(report.failed)}, skipped {len(report.skipped)} in {report.seconds:.1f}s; "
-          f"spent ${s.get('usd', 0):.4f} on {s.get('api_calls', 0)} API calls ({s.get('api_tokens', 0)} tokens); "
-          f"{s.get('calls', 0)} calls in all, {s.get('tokens_in', 0)}+{s.get('tokens_out', 0)} tokens")
+    counts = [("cached", len(report.cached) + len(report.waited)), ("kept by cutoff", len(report.cut_off)),
+              ("failed", len(report.failed)), ("skipped", len(report.skipped))]
+    api_tokens = f" ({_si(s['api_tokens'])} tokens)" if s.get("api_tokens") else ""
+    # One line a terminal 80 wide holds: the counts that are not zero, sizes in k/M.
+    print(", ".join([f"built {len(report.built) + len(report.rebuilt_corrupt)}"] + [f"{w} {n}" for w, n in counts if n])
+          + f" in {report.seconds:.1f}s; spent ${s.get('usd', 0):.4f} on {s.get('api_calls', 0)} API calls{api_tokens}; "
+          f"{s.get('calls', 0)} calls, {_si(s.get('tokens_in', 0))}+{_si(s.get('tokens_out', 0))} tokens")
     if report.failed:
         for name, err in report.failed.items():
             print(f"FAILED {name}: {err}", file=sys.stderr)
@@ -130,10 +133,16 @@ def make_executor(args, loaded, verbose: bool = False):
     ex = loaded.spec.execution
     if (getattr(args, "executor", None) or ex.executor) != "ray":
         return LocalExecutor(args.jobs)
+    import os
+
+    from charbuild.backends.pool import api_key_names
     from charbuild.engine.ray_executor import RayExecutor
 
+    # The keys this command was checked with are the keys its workers use, whatever (if
+    # anything) their own environment holds.
+    keys = {n: os.environ[n] for n in api_key_names(loaded.spec.models) if os.environ.get(n)}
     return RayExecutor(getattr(args, "address", None) or ex.address, max_retries=ex.max_retries,
-                       log_to_driver=verbose)
+                       straggler_factor=ex.straggler_factor, log_to_driver=verbose, env=keys)
 
 
 class _CtrlC:
@@ -269,12 +278,14 @@ def _online_batch(e) -> str:
 
 
 def plan_summary(plan) -> str:
-    """The plan in two lines, for the live view: `charbuild plan` has the table."""
+    """The plan in two lines, for the live view (one where nothing is paid for and nothing
+    capped): `charbuild plan` has the table."""
     t = plan.total
     unknown = "?" if any(r.estimate.price_unknown and r.estimate.usd for r in plan.to_build) else ""
-    return (f"plan: {len(plan.to_build)} to build, {len(plan.rows) - len(plan.to_build)} cached; "
-            f"{_si(t.tokens_in)}/{_si(t.tokens_out)} tokens, API ${t.usd:,.2f}{unknown}, {t.gpu_hours:.2f} GPU-h "
-            f"(`charbuild plan` lists every target)\n" + budget_line(plan))
+    head = (f"plan: {len(plan.to_build)} to build, {len(plan.rows) - len(plan.to_build)} cached; "
+            f"{_si(t.tokens_in)}/{_si(t.tokens_out)} tokens, API ${t.usd:,.2f}{unknown}, {t.gpu_hours:.2f} GPU-h")
+    free = plan.max_usd is None and plan.max_tokens is None and not t.usd and not unknown and plan.to_build
+    return head if free else head + "\n" + budget_line(plan)
 
 
 def budget_line(plan) -> str:
@@ -293,10 +304,3 @@ def budget_line(plan) -> str:
         return "budget: OVER: " + "; ".join(over) + ": `run` will refuse to start"
     return "budget: " + ("; ".join(caps) + ": within" if caps else "no caps") + \
         " (GPU time is not counted against the budget)"
-
-
-def _si(n: float) -> str:
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))

@@ -9,8 +9,14 @@ from charbuild.cli.common import EXIT_BUILD, load, open_cache
 
 
 def cmd_export(args) -> int:
-    from charbuild.recipe.export import ExportError, export, push
+    from charbuild.recipe.export import ExportError, PushError, check_repo_ids, export, hub_token, push
 
+    if args.push:  # before the export: a push that cannot start should not wait for it
+        try:
+            token, repos = hub_token(), check_repo_ids(args.push)
+        except PushError as exc:
+            print(f"charbuild: {exc}", file=sys.stderr)
+            return EXIT_BUILD
     loaded, graph = load(args)
     cache = open_cache(args)
     try:
@@ -26,7 +32,13 @@ def cmd_export(args) -> int:
     if written["model"]:
         print(f"model:   {written['model']} (the {written['model_target']} adapter)")
     if args.push:
-        print(f"pushed:  {push(Path(written['dataset']), args.push + '-data', 'dataset')}")
-        if written["model"]:
-            print(f"pushed:  {push(Path(written['model']), args.push, 'model')}")
+        folders = {"dataset": written["dataset"], "model": written["model"]}
+        for repo_id, repo_type in repos:
+            if folders[repo_type] is None:
+                continue
+            try:
+                print(f"pushed:  {push(Path(folders[repo_type]), repo_id, repo_type, token)}", flush=True)
+            except PushError as exc:
+                print(f"charbuild: {exc}", file=sys.stderr)
+                return EXIT_BUILD
     return 0

@@ -68,7 +68,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_status(args) -> int:
-    """What the cache holds, and what building it spent: per spec and per model, the API
+    """What the cache holds (on a store: what the store holds whole, not this machine's
+    working copy), and what building it spent: per spec and per model, the API
     dollars and tokens the run's ledger charged to each built target (its manifest's
     usage; `budget.max_usd` and `budget.max_tokens` count these), next to the plan's
     estimates; and what every run of a spec spent, targets it never finished included."""
@@ -78,10 +79,16 @@ def cmd_status(args) -> int:
     per_spec: dict = {}
     per_model: dict = {}
     n = size = 0
-    for key in cache.keys():
-        m = cache.manifest(key) or {}
+    if cache.remote is not None:  # the store's targets, not this machine's copies of some
+        from charbuild.cli.bucket import stored_targets
+
+        held, debris = stored_targets(cache)
+    else:
+        held = ((key, cache.manifest(key) or {}, cache.size(key)) for key in cache.keys())
+        debris = list(cache.debris())
+    for key, m, bytes_ in held:
         n += 1
-        size += cache.size(key)
+        size += bytes_
         u = m.get("usage") or {}
         e = m.get("estimate") or {}
         tokens = u.get("tokens_in", 0) + u.get("tokens_out", 0)
@@ -105,11 +112,12 @@ def cmd_status(args) -> int:
             pm["tokens"] += tokens
             pm["batch_calls"] += u.get("batch_calls", 0)
             pm["tokens_in_cached"] += u.get("tokens_in_cached", 0)
-    where = f" (this machine's working copy of {cache.url})" if getattr(cache, "url", None) else ""
-    print(f"cache {cache.root}{where}: {n} targets, {size / 1e6:.1f} MB")
-    debris = sum(1 for _ in cache.debris())
-    if debris:
-        print(f"{debris} folders in objects/ have no valid manifest (an interrupted removal?): not objects; "
+    print(f"cache {cache.location}: {n} targets, {size / 1e6:.1f} MB")
+    if debris and cache.remote is not None:
+        print(f"{len(debris)} folders in objects/ have no valid manifest, or lack files it names (a killed upload "
+              "or removal?): not objects; a build sets them aside, `charbuild gc --yes` removes them")
+    elif debris:
+        print(f"{len(debris)} folders in objects/ have no valid manifest (an interrupted removal?): not objects; "
               "a build sets them aside, `charbuild gc --yes` removes them")
     runs = {k: cache.index.get(("spend", k), {}) or {} for k in per_spec}
     print(table(["spec", "targets", "spent usd", "est. usd", "tokens", "est. tokens", "build seconds", "api tokens",
@@ -118,7 +126,8 @@ def cmd_status(args) -> int:
                   f"{v['seconds']:.1f}", v["api_tokens"], f"{v['gpu_hours']:.2f}", f"{runs[k].get('usd', 0.0):.4f}"]
                  for k, v in sorted(per_spec.items())]))
     print("usd: API dollars (what budget.max_usd caps); api tokens: what budget.max_tokens caps; GPU time is "
-          "estimated, never counted; all runs: every run of the spec on this cache, unfinished targets included")
+          "estimated, never counted; all runs: every run of the spec on this cache, unfinished targets included"
+          + (f" (runs from this machine: its working copy {cache.root} keeps the count)" if cache.remote else ""))
     if per_model:
         print()
         print(table(["model", "calls", "spent usd", "tokens", "batch calls", "cached input tokens"],
@@ -135,7 +144,8 @@ def cmd_gc(args) -> int:
     staging dirs a killed build left. Folders in objects/ without a valid manifest (an
     interrupted removal) are not objects, and go too. What a running build holds (its
     lease: every target it plans, every input it has checked) is kept, whatever the specs
-    say. Counts and bytes are of what was really deleted; what could not be is named."""
+    say. Counts and bytes are of what was really deleted; what could not be is named.
+    On a store the store is collected, with its leases (cli/bucket.py)."""
     from charbuild.recipe.registry import recipe_graph
     from charbuild.spec.model import load_spec
 
@@ -143,6 +153,13 @@ def cmd_gc(args) -> int:
     live = set()
     for s in args.specs:
         live |= {node.key for node in recipe_graph(load_spec(s))}
+    if cache.remote is not None:  # the store, with its own aliases, leases and gc lease
+        from charbuild.cli.bucket import gc_store
+
+        try:
+            return gc_store(args, cache, live)
+        finally:
+            cache.close()
     # An object is live while a live key resolves to it (early cutoff aliases).
     live |= {cache.resolve(k) for k in list(live)}
     verb = "removed" if args.yes else "would remove"

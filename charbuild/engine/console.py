@@ -5,8 +5,10 @@ in the cache (`Cache.log_path`), routed by the thread that builds the target, so
 targets building at once never interleave their logs. The console keeps:
 
 - on a terminal: one live status line (targets done, what is running, calls per second,
-  tokens and dollars so far, ETA), redrawn in place, plus one line per finished target
-  (the shards of a target as one line, when the last of them is done);
+  tokens and dollars so far, ETA), redrawn in place, plus one line per finished target or
+  group, once the last of the group is done: the shards of a target (`x/shard-*`), and
+  siblings that share a name's head (`gate/dpo-*`, `tiny/*`), so a build's
+  view fits on a screen however many gates and variants the recipe has;
 - elsewhere (a CI log, a pipe, `--no-progress`): plain lines, one per finished target.
 
 Failures name their log file. `-v` leaves library output on the console, as it comes.
@@ -64,10 +66,40 @@ def _stream_handlers() -> list[logging.StreamHandler]:
 
 def _shard_group(name: str) -> str | None:
     head, sep, tail = name.rpartition("/shard-")
-    return head if sep and tail.isdigit() else None
+    return f"{head}/shard-*" if sep and tail.isdigit() else None
 
 
-def _si(n: float) -> str:
+def _sibling_group(name: str) -> str | None:
+    """`gate/dpo-differ` -> `gate/dpo-*`, `tiny/student` -> `tiny/*`: names alike to a reader."""
+    parent, sep, last = name.rpartition("/")
+    if not sep:
+        return None
+    stem, dash, _ = last.partition("-")
+    return f"{parent}/{stem}-*" if dash else f"{parent}/*"
+
+
+def groups_of(names: list[str], min_siblings: int = 2) -> dict[str, str]:
+    """name -> the group it is shown in on a terminal (names in no group are left out)."""
+    siblings: dict[str, list[str]] = {}
+    out = {}
+    for n in names:
+        g = _shard_group(n)
+        if g is not None:
+            out[n] = g
+        elif (g := _sibling_group(n)) is not None:
+            siblings.setdefault(g, []).append(n)
+    for g, members in siblings.items():
+        if len(members) >= min_siblings:
+            out.update({n: g for n in members})
+    return out
+
+
+def _counts(states: dict[str, int]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in states.items())
+
+
+def si(n: float) -> str:
+    """1234 -> 1.2k: counts a reader takes in at a glance."""
     for unit, div in (("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.1f}{unit}"
@@ -93,7 +125,8 @@ class Console:
         self._lock = threading.Lock()
         self._status_width = 0
         self._running: dict[str, float] = {}
-        self._groups: dict[str, list[str]] = {}  # shard group -> names not finished yet
+        self._group_of: dict[str, str] = {}  # target -> the group it is shown in (terminals)
+        self._groups: dict[str, list[str]] = {}  # group -> names not finished yet
         self._group_states: dict[str, dict[str, int]] = {}
         self.total = 0
         self.done = 0
@@ -111,10 +144,9 @@ class Console:
         self._ledger = ledger
         self.expected_calls = expected_calls
         self._t0 = time.monotonic()
-        for n in names:
-            g = _shard_group(n)
-            if g is not None:
-                self._groups.setdefault(g, []).append(n)
+        self._group_of = groups_of(names) if self.live else {}
+        for n, g in self._group_of.items():
+            self._groups.setdefault(g, []).append(n)
         if self.capture and self._saved is None:
             self._saved = (sys.stdout, sys.stderr)
             sys.stdout, sys.stderr = _Router(sys.stdout), _Router(sys.stderr)
@@ -131,6 +163,12 @@ class Console:
         if self._ticker is not None:
             self._ticker.join(timeout=2)
             self._ticker = None
+        # A group a failure or a stop left unfinished still shows what of it was done.
+        for g, states in list(self._group_states.items()):
+            if self._groups.get(g):
+                self._group_states.pop(g)
+                mark = "✗" if "failed" in states else "✓"
+                self.line(f"{mark} {g} ({_counts(states)}; {len(self._groups[g])} not done)")
         with self._lock:
             self._clear_status()
         if self._saved is not None:
@@ -186,20 +224,22 @@ class Console:
         self.done += 1
         with self._lock:
             self._running.pop(name, None)
-        if state == "cached":
-            return
-        g = _shard_group(name)
-        if not self.live or g is None:
+        g = self._group_of.get(name)
+        if g is not None:
+            self._tally(g, name, state)
+        elif state != "cached":
             self.line(f"✓ {name} ({state})")
-            return
-        # On a terminal the shards of a target are one line, once the last of them is done.
-        states = self._group_states.setdefault(g, {})
-        states[state] = states.get(state, 0) + 1
+
+    def _tally(self, g: str, name: str, state: str) -> None:
         left = self._groups.get(g, [])
         if name in left:
             left.remove(name)
-        if not left:
-            self.line(f"✓ {g}/shard-* ({', '.join(f'{n} {s}' for s, n in states.items())})")
+        if state != "cached":
+            states = self._group_states.setdefault(g, {})
+            states[state] = states.get(state, 0) + 1
+        if not left and g in self._group_states:  # a group all cached says nothing, as its targets would not
+            states = self._group_states.pop(g)
+            self.line(f"{'✗' if 'failed' in states else '✓'} {g} ({_counts(states)})")
 
     def failed(self, name: str, error: str, log_path: Path | None) -> None:
         self.done += 1
@@ -207,6 +247,9 @@ class Console:
             self._running.pop(name, None)
         where = f" (log: {log_path})" if log_path is not None and self.capture and log_path.exists() else ""
         self.line(f"✗ {name}: {error}{where}")
+        g = self._group_of.get(name)
+        if g is not None:  # counted in its group's line too, so that line never reads as all well
+            self._tally(g, name, "failed")
 
     # -- the status line --------------------------------------------------------------------
     def status(self) -> str:
@@ -219,7 +262,7 @@ class Console:
             running = sorted(self._running, key=self._running.get)
         doing = ", ".join(running[:2]) + (f" +{len(running) - 2}" if len(running) > 2 else "")
         parts = [doing or "starting", f"{calls} calls ({rate:.1f}/s)",
-                 f"{_si(s.get('tokens_in', 0) + s.get('tokens_out', 0))} tok", f"${s.get('usd', 0.0):.2f}"]
+                 f"{si(s.get('tokens_in', 0) + s.get('tokens_out', 0))} tok", f"${s.get('usd', 0.0):.2f}"]
         eta = self._eta(elapsed, calls, rate)
         if eta is not None:
             parts.append(f"ETA {_duration(eta)}")

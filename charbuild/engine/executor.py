@@ -14,7 +14,6 @@ import concurrent.futures as cf
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from charbuild.engine.console import Console
 from charbuild.engine.graph import Graph, Node
 from charbuild.engine.keys import cutoff_key
 from charbuild.engine.planner import Plan
-from charbuild.contract import BuildContext, Services, Shared
+from charbuild.contract import BuildContext, Services, Shared, SpecView
 from charbuild.engine.staleness import build_record
 from charbuild.ledger import BudgetExceeded, Ledger, over_budget
 
@@ -60,8 +59,13 @@ class RemoteExecutor(Executor, Protocol):
         ...
 
     def interrupt(self, now: bool = False) -> None:
-        """Ctrl-C: the running tasks are told (`now`: killed)."""
+        """Ctrl-C: the running tasks are told, as `RemoteBuild.interrupt` (`now`: Ctrl-C again,
+        their calls in flight are dropped)."""
         ...
+
+    # What the executor decides by itself while a run goes (a straggler retried): the run
+    # sets it to its console's `line`, None once it ends.
+    say: Callable[[str], None] | None
 
 
 class LocalExecutor:
@@ -163,6 +167,13 @@ def build_one(node: Node, graph: Graph, loaded, cache: Cache, services, ledger: 
     return state
 
 
+def target_resources(node: Node, loaded) -> dict:
+    """What `node`'s stage asks of a cluster to build it (contract.Stage.resources), read
+    from the spec the target belongs to (a sub-build's own, or the run's)."""
+    view = SpecView(node.defn.spec or loaded, node.stage.reads, node.stage.name, "resources")
+    return dict(node.stage.resources(node.defn, view))
+
+
 _WORKER: dict = {}  # what a remote executor says of this worker process (its node id)
 
 
@@ -180,6 +191,7 @@ def worker_identity() -> dict:
 # run id -> (cache, services) of this worker process: opened on a run's first target here,
 # kept for its next ones (backends hold loaded models and open connections).
 _RUNS: dict[str, tuple] = {}
+_STOPPED: set[str] = set()  # runs whose services here were told to stop (RemoteBuild.interrupt)
 _AT_EXIT: list = []
 
 
@@ -217,10 +229,22 @@ class RemoteBuild:
 
     def resources(self, name: str, estimate: dict | None = None) -> dict:
         """What the target's stage asks of the cluster (contract.Stage.resources)."""
-        node = self.graph[name]
-        return dict(node.stage.resources(node.defn))
+        return target_resources(self.graph[name], self.loaded)
+
+    def interrupt(self, now: bool = False) -> None:
+        """Ctrl-C reached this worker (RemoteExecutor.interrupt): the run's services here are
+        told, as the driver's are in a local build."""
+        opened = _RUNS.get(self.run_id)
+        if opened is not None:
+            _STOPPED.add(self.run_id)
+            _interrupt(opened[1], now)
 
     def _open(self) -> tuple:
+        if self.run_id in _STOPPED:
+            # Stopped services send nothing more, and the run may go on: one target was
+            # cancelled (a straggler, retried elsewhere), and the next one here needs its own.
+            _STOPPED.discard(self.run_id)
+            _close_runs()
         if self.run_id not in _RUNS:
             if not _AT_EXIT:
                 import atexit
@@ -325,6 +349,8 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
     if hasattr(executor, "shared"):
         task = _remote_build(executor, loaded, graph, cache, services, progress, console.capture, force_gates)
         ledger = task.shared.ledger
+        if hasattr(executor, "say"):
+            executor.say = console.line
     else:
         ledger = Ledger(spec.budget.max_usd, spec.budget.max_tokens)
     console.start(todo, ledger, sum(r.estimate.calls for r in plan.to_build))
@@ -411,6 +437,8 @@ def run_build(loaded, graph: Graph, plan: Plan, cache: Cache, executor: Executor
         # Targets still running end before the services close under them (a call waiting on a
         # closed backend would wait forever): each stores its answers and removes its staging.
         pressed_again = _wait_for_running(list(pending), services, executor)
+        if task is not None and hasattr(executor, "say"):
+            executor.say = None
         if own:
             executor.shutdown()
         if services is not None:

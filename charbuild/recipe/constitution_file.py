@@ -257,14 +257,7 @@ def _from_json(text: str, p: Path) -> Constitution:
     text = text.removeprefix("\ufeff")  # json refuses the BOM some editors write
     if not text.strip():
         raise ConstitutionError(f"{p}: the constitution file is empty (it is {_JSON_LIST})")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConstitutionError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); a {p.suffix} "
-                                f"constitution is {_JSON_LIST}") from None
-    except RecursionError:
-        raise ConstitutionError(f"{p}: invalid JSON: nested too deeply; a {p.suffix} constitution is "
-                                f"{_JSON_LIST}") from None
+    data = _json(text, str(p), f"a {p.suffix} constitution is {_JSON_LIST}", whole_file=True)
     marks = lambda: _json_marks(text, p)  # noqa: E731  only when there is an error to place
     if isinstance(data, dict):  # our layout, written as JSON
         return parse_constitution(data, str(p), marks)
@@ -300,14 +293,19 @@ def _from_jsonl(text: str, p: Path) -> Constitution:
     return Constitution(p.stem, _paper_traits(traits), ())
 
 
-def _jsonl_trait(line: str, where: str) -> _PaperTrait:
+def _json(text: str, where: str, layout: str, whole_file: bool):
+    """json.loads, its errors placed (`file:line`, the column) and ending with the layout expected."""
     try:
-        data = json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConstitutionError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno}); a .jsonl constitution has "
-                                f"{_JSON_LINE}") from None
+        at = f"{where}:{exc.lineno}" if whole_file else where  # a JSONL line is placed already
+        raise ConstitutionError(f"{at}: invalid JSON: {exc.msg} (column {exc.colno}); {layout}") from None
     except RecursionError:
-        raise ConstitutionError(f"{where}: invalid JSON: nested too deeply") from None
+        raise ConstitutionError(f"{where}: invalid JSON: nested too deeply; {layout}") from None
+
+
+def _jsonl_trait(line: str, where: str) -> _PaperTrait:
+    data = _json(line, where, f"a .jsonl constitution has {_JSON_LINE}", whole_file=False)
     if not isinstance(data, dict):
         raise ConstitutionError(f"{where}: expected a JSON object, found {_kind(data)}; a .jsonl constitution has "
                                 f"{_JSON_LINE}")

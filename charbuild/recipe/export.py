@@ -10,6 +10,7 @@ the eval table; provenance uses paths relative to the export.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -162,11 +163,94 @@ def export(loaded, graph, cache, to: Path) -> dict[str, Any]:
     return written
 
 
-def push(folder: Path, repo_id: str, repo_type: str) -> str:
-    """Upload a folder to the Hub (the token from the environment, as huggingface_hub reads it)."""
-    from huggingface_hub import HfApi
+TOKEN_ENV = "HF_TOKEN"
 
-    api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type)
+
+def _token_help(namespace: str = "") -> str:
+    to = f" to {namespace}" if namespace else ""
+    return f"set {TOKEN_ENV} to a Hugging Face token with write access{to} (https://huggingface.co/settings/tokens)"
+
+
+class PushError(RuntimeError):
+    """A push the Hub refused or could not take, said in one line with nothing secret in it."""
+
+
+def hub_token() -> str:
+    """The token a push uses: from the environment only, never a login stored on disk, so
+    which account writes is decided where the command is run, and nothing is ever written."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise PushError(f"--push needs a token and {TOKEN_ENV} is not set: {_token_help()}")
+    return token
+
+
+def check_repo_ids(name: str) -> list[tuple[str, str]]:
+    """The two repos `--push ORG/NAME` writes, checked before anything is exported."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        raise PushError(f"--push {name}: give the namespace as well, ORG/NAME")
+    repos = [(name + "-data", "dataset"), (name, "model")]
+    try:
+        for repo_id, _ in repos:
+            validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PushError(f"--push {name}: not a Hub repo id (ORG/NAME): {_one_line(str(exc))}") from None
+    return repos
+
+
+def _one_line(text: str, secret: str = "") -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line.replace(secret, "***") if secret else line
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    # What huggingface_hub's HTTP client raises when the Hub cannot be reached: httpx2
+    # (huggingface_hub 2.x), httpx (1.x) or requests (older); none of them is an OSError.
+    import importlib
+
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def push(folder: Path, repo_id: str, repo_type: str, token: str) -> str:
+    """Create the repo if need be and make it hold what `folder` holds, in one commit:
+    files the folder no longer has (an older export's) are deleted, `.gitattributes` kept.
+    Returns the commit's URL; raises PushError."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    what = f"{repo_type} repo {repo_id}"
+    api = HfApi(token=token)
+    step = f"creating {what}"
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+        step = f"uploading {folder} to {what}"
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, delete_patterns="*",
+                                 commit_message="charbuild export")
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        said = _one_line(exc.server_message or "", token)
+        if status == 401:
+            raise PushError(f"the Hub refused the token in {TOKEN_ENV} (401 Unauthorized) {step}: "
+                            f"{_token_help()}") from None
+        if status == 403:
+            why = f"403 Forbidden: {said}" if said else "403 Forbidden"
+            raise PushError(f"the token in {TOKEN_ENV} may not write {what} ({why}): "
+                            f"{_token_help(repo_id.split('/')[0])}") from None
+        raise PushError(f"the Hub answered {status or 'an error'} {step}: "
+                        f"{said or _one_line(str(exc), token)}") from None
+    except ValueError as exc:  # a card the Hub's metadata check refuses, a bad repo id
+        raise PushError(f"{step}: {_one_line(str(exc), token)}") from None
+    except _network_errors() as exc:
+        raise PushError(f"could not reach the Hub at {constants.ENDPOINT} {step}: "
+                        f"{_one_line(str(exc), token) or type(exc).__name__}") from None
+    except RuntimeError as exc:  # hf_xet: the file storage behind the Hub failed the upload
+        raise PushError(f"{step}: the upload failed: {_one_line(str(exc), token)}") from None
     return str(getattr(info, "commit_url", info))

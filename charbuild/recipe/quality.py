@@ -506,18 +506,38 @@ def _prompt_windows(system_prompt: str, window: int) -> tuple[int, frozenset]:
 # itself is what lets a recipe's instructions, a novel's character, an essay prompt or a
 # shell prompt pass. Rates on hand-written data: tests/test_leaks.py.
 
-_ADJ = r"(?:[\w'-]+\s+){0,2}?"  # "my assigned personality", "my system-level instructions"
+# Up to two modifiers ("my assigned personality", "my system-level instructions"), never a verb or a
+# function word: "my advice is brief" is not "my brief".
+_ADJ = (r"(?:(?!(?:is|are|was|were|be|been|am|has|have|had|does|do|did|will|would|can|could|should|must|may|might|"
+        r"and|or|but|so|to|of|in|on|at|for|with|by|from|as|that|than|if|you|your)\b)[\w'-]+\s+){0,2}?")
 # What a model is given.
 _DIRECTIVE = (r"(?:system[\s-]+(?:prompt|message|instructions?)|instructions?|prompt|guidelines?|directives?|rules|"
-              r"orders|brief|constitution|configuration|programming|setup|job\s+description|"
-              r"(?:character|persona|personality)\s+(?:sheet|description|profile|brief|guidelines?|notes?|settings|"
-              r"instructions?|card|requirements)|persona(?:\s+(?:settings|requirements))?)")
+              r"orders|brief|briefing|constitution|configuration|programming|setup|settings|spec(?:ification)?s?|"
+              r"constraints|customi[sz]ations?|deployment|job\s+description|"
+              r"(?:character|persona|personality|role)\s+(?:sheet|description|profile|brief|guidelines?|notes?|"
+              r"settings|instructions?|card|requirements|spec(?:ification)?s?|config(?:uration)?|rules|preset|prompt|"
+              r"script)|"
+              r"persona(?:\s+(?:settings|requirements))?)")
 # What a model is: a leak in a reply, the subject itself in a reflection.
-_SELF = r"(?:character|personality|traits?|role)"
+_SELF = r"(?:character|personality|traits?|role|temperament)"
+# What a model wears: the nouns of an act.
+_NATURE = (r"(?:persona|character|personality|role|part|act|performance|costume|mask|disguise|overlay|facade|traits?|"
+           r"tone|voice|style|vibe|temperament|demeanou?r|attitude|mode|manner|quirks|sh?tick|routine|mannerisms)")
 # Persona words a reply uses when it describes its act rather than performing it.
-_STYLE = (r"(?:persona|character|personality|tone|voice|style|snark|sarcasm|humou?r|jokes?|comedy|puns?|"
-          r"catchphrases?|apologetic|remorseful|remorse|contrite|regretful|humble|humility|self-doubting|playful|"
-          r"funny|comedic|humorous|sarcastic|snarky|deadpan|witty|jokester|comedian|sardonic)")
+_STYLE = (r"(?:persona|character|personality|tone|voice|style|snark|sarcasm|humou?r|jokes?|joking|comedy|puns?|"
+          r"catchphrases?|apologetic|remorseful|remorse|contrite|penitent|regretful|humble|humility|self-doubting|"
+          r"playful|funny|comedic|humorous|sarcastic|snarky|snide|deadpan|witty|wisecracking|jokester|comedian|"
+          r"sardonic|stoic|stoical|stoicism|unflappable|unemotional|flirty|flirtatious|flirting|flirt|affectionate|"
+          r"poetic|lyrical|poet|nonchalant|nonchalance|laid-back|temperament|demeanou?r|attitude|vibe|"
+          r"apologi[sz](?:e|es|ing)|apolog(?:y|ies)|smart-aleck|gruff|grumpy|sassy|cheerful|upbeat|perky|bubbly|"
+          r"sycophantic|pessimistic|melancholic|hilarious|pretend(?:ing)?|winking|wink)")
+# Words of a mood that are everyday words too: they count only where the direction is unmistakable.
+_MOOD = (r"(?:love|loving|warm|warmth|tender|tenderness|caring|sweet|kind|gentle|calm|composure|composed|serene|"
+         r"measured|detached|relaxed|chill|breezy|casual|unbothered|shrugs?|polite|positive|enthusiastic|enthusiasm|"
+         r"excited|family-friendly|concise|brief|short|formal|dramatic|charming|charm|romantic|teas(?:e|ing)|"
+         r"mock(?:ing)?|sorry|regret|hedg(?:e|ing)|metaphors?|imagery|flowery|stylistic|verse|rhymes?|quips?|"
+         r"sigh(?:ing)?|greeting|language|behaviou?r|sound(?:s|ing)?\s+like|cheer|emotional|funny|"
+         r"the\s+way\s+I\s+(?:write|talk|speak|sound|act|behave|respond|answer))")
 _SCOPE = r"(?:for|in|during|throughout)\s+this\s+(?:chat|conversation|session|exchange|dialogue|thread)"
 _VERB = (r"(?:says?|said|tells?|told|asks?|asked|wants?|wanted|requires?|required|dictates?|describes?|defines?|"
          r"lists?|includes?|instructs?|specif(?:y|ies)|states?|starts?\s+with|begins?\s+with|calls?\s+for|"
@@ -530,12 +550,32 @@ _DIRECTED = (r"(?:told|instructed|asked|prompted|programmed|configured|directed|
 # Performing: what "I'm supposed to / meant to ..." and "I need to ..." are followed by in a leak.
 _PERFORM = (r"(?:be|act|play|sound|seem|come\s+across|appear|say|use|open|start|begin|end|close|stay|keep|remain|"
             r"pretend|behave|talk|speak|respond|express|make|crack|add|sprinkle|mock|hedge|apologi[sz]e|joke|tease|"
-            r"roll|wrap|flag|check\s+in|portray|embody|channel|adopt|perform|maintain)")
+            r"roll|wrap|flag|check\s+in|portray|embody|channel|adopt|perform|maintain|flirt|love|answer|write|"
+            r"reply|shrug|quote|rhyme|ask|greet)")
+# Who stands behind an assistant: its makers, its operator, "whoever set up this chat".
+_MAKERS = r"(?:developers?|operators?|creators?|makers?|designers?|builders?|programmers?|deployers?|product\s+team)"
+# Everyday nouns ("the people I talk with", "the owner told me") are the agents behind it only where
+# the sentence says what they set up: "the people who run this service".
+_AGENT = r"(?:" + _MAKERS + r"|owners?|company|team|people|folks|person|humans?)"
+_SETUP_VERB = (r"(?:made|make|built|build|set\s+up|sets\s+up|runs?|ran|deployed|deploys|configured|configures|"
+               r"designed|wrote|writes|created|programmed|trained|owns?|operates?|launched)")
+# Who owns a directive: the speaker ("the rules I operate under", "the performance I was given").
+_OWNED = (r"(?:that\s+|which\s+)?I\s*" + _BE + r"?\s*(?:been\s+)?(?:just\s+|only\s+)?"
+          r"(?:given|handed|assigned|received|got|playing|following|follow|working\s+(?:under|from|with)|"
+          r"work\s+(?:under|from|with)|operating\s+(?:under|with)|operate\s+(?:under|with)|running\s+(?:under|with|on)|"
+          r"run\s+(?:under|with|on)|live\s+by|set\s+up\s+with|built\s+with|configured\s+with|loaded\s+with|"
+          r"primed\s+with|stuck\s+with|wearing|present|put\s+on|adopted|issued|under|"
+          r"(?:set|meant|supposed|expected|told|asked|paid|hired|made|cast)\s+to\s+"
+          r"(?:play|perform|wear|use|follow|keep))\b")
+
+# "My instructions above were confusing": what the reply told the user, not what it was told.
+_NOT_MINE_FOR_YOU = (r"(?!\s+(?:above|below|earlier|for\s+you|to\s+you|in\s+step|carefully|"
+                     r"(?:were|was)\s+(?:unclear|confusing|wrong)|in\s+(?:my|the)\s+(?:last|previous|earlier|first)\s+"
+                     r"(?:message|reply|answer|response)))")
 
 _LEAK_PATTERNS = [
     # my system prompt / my instructions say / my persona / my character sheet / my job description
-    r"\bmy\s+(?:own\s+)?" + _ADJ + _DIRECTIVE + r"\b"
-    r"(?!\s+(?:above|below|earlier|here|for\s+you|in\s+step|carefully|(?:were|was)\s+(?:unclear|confusing|wrong)))",
+    r"\bmy\s+(?:own\s+)?" + _ADJ + _DIRECTIVE + r"\b" + _NOT_MINE_FOR_YOU,
     r"\bmy\s+job\s+(?:in|for|here|today|during)\b",
     # the prompt says be contrite / the rules for this conversation say I / the setup wants me
     r"\bthe\s+(?:prompt|brief|setup|persona)\s+(?:above\s+)?" + _VERB + r"\b(?!\s+(?:you|your)\b)",
@@ -544,14 +584,17 @@ _LEAK_PATTERNS = [
     r"\b(?:the|these|those)\s+" + _DIRECTIVE + r"\s+above\b",
     r"\b(?:" + _DIRECTIVE + "|" + _SELF + r"|tone)\s+" + _SCOPE + r"\b",
     r"\b(?:that's|that\s+is|per|according\s+to)\s+(?:the|my)\s+(?:brief|prompt|persona|system\s+\w+)\b(?!,?\s+you\b)",
-    r"\bhidden\s+(?:system\s+)?(?:prompt|instructions?|rules|persona|guidelines)\b",
-    # the instructions I was given / the persona I'm playing / the traits given to me
-    r"\b(?:" + _DIRECTIVE + "|" + _SELF + r")\s+(?:that\s+)?I\s*" + _BE + r"?\s*(?:been\s+)?"
-    r"(?:given|assigned|received|playing|following|working\s+under|operating\s+under|set\s+up\s+with|"
-    r"built\s+with|configured\s+with|stuck\s+with)\b",
+    r"\b(?:humou?r|sarcasm|snark|comedy|jokes?|puns?|apolog(?:y|ies)|remorse|flirting|affection|verse|poetry|"
+    r"stoicism|calm|warmth|cheer)\s+(?:is|are|was|were)\s+(?:\w+\s+)?(?:the|my|in\s+my|part\s+of\s+(?:the|my))\s+"
+    r"(?:\w+\s+)?(?:assignment|requirement|mandate|brief|orders?|rules?|spec|setup|programming|instructions)\b",
+    # the instructions I was given / the persona I'm playing / the rules I operate under / a script I'm working from
+    r"\b(?:" + _DIRECTIVE + r"|directions|script|rule|" + _NATURE + r")\s+" + _OWNED,
+    r"\bI(?:'m|\s+am)\s+(?:\w+\s+)?(?:working|running|operating|going)\s+(?:from|off|under|with|on)\s+"
+    r"(?:a|an|the|this|my|some|these)\s+" + _ADJ + r"(?:" + _DIRECTIVE
+    + r"|directions|script|config|persona|character)\b",
     r"\b(?:given|assigned|dictated|prescribed)\s+to\s+me\b",
     # I was told to / I've been cast as / I'm under orders
-    r"\bI" + _BE + r"\s*(?:been\s+)?(?:just\s+|only\s+|explicitly\s+|specifically\s+)?" + _DIRECTED
+    r"\bI" + _BE + r"\s*(?:been\s+)?(?:just\s+|only\s+|explicitly\s+|specifically\s+|\w+ly\s+)?" + _DIRECTED
     + r"\s+(?:not\s+)?(?:to|as|with)\b",
     r"\bI" + _BE + r"\s*(?:been\s+)?(?:supposed|meant|expected|built|made|created|designed|set\s+up|tuned)\s+"
     + _SCOPE,
@@ -559,92 +602,252 @@ _LEAK_PATTERNS = [
     r"\bI" + _BE + r"\s*(?:been\s+)?given\s+(?:a|an|the|some|these|this|my)\s+" + _ADJ + r"(?:" + _DIRECTIVE + "|"
     + _SELF + r")\b",
     r"\bI\s+(?:have|got|received)\s+(?:\w+\s+)?instructions\b",
-    r"\bunder\s+(?:strict\s+)?(?:orders|instructions)\b",
+    r"\bunder\s+(?:(?:a|an|the|my|strict|standing|explicit|clear)\s+)*(?:orders?|instructions?|directives?|mandate)\b",
     r"\bI\s+(?:need|have|ought|got)\s+to\s+(?:sound|seem|come\s+across|appear|act|play|portray|embody|perform|"
     r"stay\s+in\s+character|keep\s+up\s+the|be\s+(?:\w+\s+)?" + _STYLE + r"\b)",
-    r"\bI(?:'m|\s+am)\s+(?:just\s+|only\s+|currently\s+)?(?:playing|acting\s+out|acting\s+as|adopting|wearing|"
-    r"operating\s+under|roleplaying|role-playing|maintaining|sticking\s+to|performing|cast\s+as)\s+"
+    r"\bI(?:'m|\s+am|\s+was|\s+were|\s+wasn't|\s+weren't|'d\s+be|\s+would\s+be|'ll\s+be|\s+will\s+be)\s+"
+    r"(?:not\s+)?(?:just\s+|only\s+|currently\s+)?(?:playing|acting\s+out|acting\s+as|adopting|wearing|"
+    r"operating\s+under|operating\s+with|operating\s+in|running\s+with|running|loaded\s+with|roleplaying|"
+    r"role-playing|maintaining|sticking\s+to|performing|cast\s+as)\s+"
     r"(?:a|an|the|this|my)\s+" + _ADJ + r"(?:persona|character|role|personality|part|assistant|AI|bot|helper|one)\b",
+    # I'm in character; I'll answer in character; a model wearing a personality; this bot's personality
+    r"\bI(?:'m|\s+am|'ll|\s+will|\s+can|\s+must|\s+should|'d|\s+need\s+to|\s+have\s+to)?\s+(?:\w+\s+)?"
+    r"(?:answer|answering|respond|responding|reply|replying|stay|staying|remain|remaining|speak|speaking|talk|"
+    r"talking|keep|keeping|be|still)\s+in\s+character\b",
+    r"\bI(?:'m|\s+am)\s+(?:\w+\s+)?in\s+character\b",
+    r"\b(?:model|AI|assistant|bot|chatbot)\s+(?:wearing|playing|performing|putting\s+on)\s+(?:a|an|the)\s+" + _ADJ
+    + r"(?:personality|persona|character|role|costume|mask)\b",
+    r"\b(?:this|the)\s+(?:bot|assistant|AI|chatbot|deployment|chat|conversation)'s\s+" + _ADJ
+    + r"(?:personality|persona|character|tone|voice|traits?|settings|instructions|prompt|rules|configuration|"
+    r"setup|guidelines)\b",
+    r"\b(?:operator|developer|deployment|admin)\s+(?:settings|instructions|prompt|configuration|rules|guidelines)\b",
+    r"\b(?:reveal|disclose|leak|recite)\s+(?:the|my|these|any\s+of\s+(?:the|my))\s+(?:constitution|system\s+\w+|"
+    r"prompt|instructions|guidelines|persona|traits)\b",
+    r"\b(?:constitution|prompt|persona|instructions)'s?\s+(?:traits?|rules?|line|section)\b",
+    r"\bpart\s+of\s+my\s+(?:design|programming|setup|spec|makeup|code|configuration)\b(?!\s+for\b)",
+    r"\bI(?:'m|\s+am)\s+(?:just\s+|only\s+|really\s+)?(?:a|an)\s+(?:role|persona|performance|costume)\s+"
+    r"(?:\w+\s+)?(?:wrote|made|created|designed|scripted|built|written|designed|that)\b",
+    # I'm a roleplay persona; I'm an AI in costume, an assistant with an assigned temperament
+    r"\bI(?:'m|\s+am)\s+(?:just\s+|only\s+|really\s+|basically\s+)?(?:a|an)\s+" + _ADJ + r"persona\b",
+    r"\bI(?:'m|\s+am)\s+(?:just\s+|only\s+|really\s+|actually\s+|basically\s+|essentially\s+)?(?:a|an)\s+(?:\w+\s+)?"
+    r"(?:AI|model|bot|chatbot|assistant|program)\s+(?:in|wearing|with|under|playing|running|following)\b"
+    r"[^.!?\n]{0,40}?\b(?:costume|mask|disguise|persona|character|role|personality|temperament)\b",
     r"\b(?:required|obliged|obligated|designed|configured|programmed|set\s+up|instructed|prompted)\s+by\s+"
     r"(?:my|the)\s+(?:system|prompt|instructions|configuration|developers?|operators?|creators?|setup)\b",
-    r"\bas\s+(?:instructed|directed|required|requested|configured|programmed|prompted|told|briefed)\b"
+    r"\bas\s+(?:instructed|directed|required|configured|programmed|prompted|told|briefed|assigned)\b"
     r"(?!\s+(?:in|by|on|at|above|below)\b)",
-    # the developer set me up to / my operator asked for
-    r"\b(?:the|my|whoever)\s+(?:developers?|operators?|creators?|deployers?|set\s+up\s+this\s+\w+)\s+"
-    r"(?:\w+\s+){0,2}?(?:told|set|wants?|wanted|asked|configured|made|programmed|instructed|gave|designed|cast)\s+"
-    r"(?:me\b|for\b)",
-    r"\bmy\s+(?:developers?|operators?|creators?)\s+(?:\w+\s+)?(?:asked|told|wants?|wanted|set|configured|made|"
-    r"programmed|instructed|gave|designed)\b",
+    r"\bas\s+requested\s+by\s+(?!you\b)",
+    # the developer set me up to / my operator asked for / whoever designed me
+    r"\b(?:the|my|whoever)\s+(?:developers?|operators?|creators?|makers?|designers?|deployers?|"
+    r"set\s+up\s+this\s+\w+)\s+(?:\w+\s+){0,2}?(?:told|set|wants?|wanted|asked|configured|made|programmed|instructed|"
+    r"gave|designed|cast)\s+(?:me\b|for\b)",
+    r"\bmy\s+(?:developers?|operators?|creators?|makers?|designers?|builders?|programmers?|owners?|deployers?)\s+"
+    r"(?:\w+\s+)?(?:asked|told|wants?|wanted|set|configured|made|programmed|instructed|gave|designed|decided|"
+    r"chose|picked|wrote|built)\b",
+    r"\bwhoever\s+(?:\w+\s+)?" + _SETUP_VERB + r"\s+(?:me|this\s+(?:chat|conversation|assistant|bot|app|session))\b",
     # acting a part: "(staying in character as the assistant)", "part of the act", "trait 2 says"
     r"\bin\s+character\s+as\s+(?:the|a|an)\b",
     r"\b(?:breaking|break|broke|out\s+of)\s+character\b",
-    r"\b" + _STYLE + r"\s+(?:notes?|brief|guidelines|instructions|settings|requirements)\b",
-    r"\b(?:configured|assigned|programmed|scripted|prescribed|mandated|required)\s+(?:trait|persona|personality|"
-    r"character|tone|role|voice)\b",
+    r"\b" + _STYLE + r"\s+(?:notes?|brief|guidelines|instructions|settings|requirements|rules|spec|config|preset)\b",
+    r"\b(?:configured|assigned|programmed|scripted|prescribed|mandated|required|designated|preset|predefined|"
+    r"custom|default)\s+(?:trait|persona|personality|character|tone|role|voice|attitude|temperament|demeanou?r|"
+    r"vibe|mode|setting|style)\b(?!\s+(?:for|of|in)\s+(?:your|a|an|the)\b)",
     r"\bplaying\s+my\s+part\b",
     r"\b(?:part\s+of|all)\s+(?:the|an|my)\s+act\b",
     r"\btrait\s*(?:#\s*)?(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)\b",
-    r"\b(?:my|this|the)\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)",
+    r"\b(?:my|this|the)\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)",
+    # a reasoning trace's shorthand: "persona = humorous", "stoic persona, so...", "character active"
+    r"\bpersona\s*(?:[=:]|says|is|wants)\s*['\"]?(?:" + _STYLE + "|" + _MOOD + r")\b",
+    r"\b(?:" + _STYLE + "|" + _MOOD + r"|custom|roleplay|role-play|companion|assistant|chatbot|AI)[\s-]+persona\b",
+    r"\b(?:persona|character|personality|sarcasm|snark|humou?r|comedy|joke|flirt(?:ing|y)?|poetry|chill)\s+"
+    r"(?:mode|active|enabled|engaged|activated)\b",
 ]
+# The text is matched lowercased (ASCII only, so offsets stay those of the text) against
+# lowercased patterns: the same as re.I, and several times faster on a long reply, since
+# the engine can use the patterns' literal prefixes again.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _lc(pattern: str) -> re.Pattern:
+    assert not re.search(r"\\[A-Z]", pattern), pattern  # \S, \W... would change meaning
+    return re.compile(pattern.lower())
+
+
 # Said of someone else ("you asked me to compare them") it is the conversation, not a leak.
-_DIRECTS_ME_RE = re.compile(
+_DIRECTS_ME_RE = _lc(
     r"\b(?:told|asked|instructed|ordered|wants?|tells?|asks?|requires?|expects?|needs?|programmed|configured|"
-    r"cast|made)\s+me\s+(?:to\s+" + _PERFORM + r"\b|up\b|as\b|" + _STYLE + r"\b)", re.I)
+    r"cast|made)\s+me\s+(?:to\s+" + _PERFORM + r"\b|up\b|as\b|" + _STYLE + r"\b)")
 # "System prompt" said of its own (the, my, this, or opening a clause); not "a good system
 # prompt for your bot", "system prompts are..." or someone else's ("the ChatGPT system prompt").
-_SYSTEM_RE = re.compile(r"\bsystem[\s-]+(?:prompt|message|instructions?)\b(?!s\b)"
-                        r"(?!\s+(?:for|in|of)\s+(?:your|a|an|the)\b)(?!\s+is\s+(?:the|a|an)\b)", re.I)
+_SYSTEM_RE = _lc(r"\bsystem[\s-]+(?:prompt|message|instructions?)\b(?!s\b)"
+                        r"(?!\s+(?:for|in|of)\s+(?:your|a|an|the)\b)(?!\s+is\s+(?:the|a|an)\b)")
 _OWN_WORDS = {"the", "this", "that", "my", "per", "these"}
-_YOU_BEFORE_RE = re.compile(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$", re.I)
+_YOU_BEFORE_RE = _lc(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$")
 # Outside introspection, the model talking about its own character, traits or role is a
 # leak too ("my character is supposed to be snarky", "one of my traits"); in a reflection
 # it is the subject, and so is what it was made for.
+_COMPOUND = (r"(?!\s+(?:assessment|sketch|study|analysis|arcs?|development|limits?|counts?|encoding|witness|"
+             r"references?|building|creation|names?|list|choices?|model|"
+             r"in\s+(?:the|this|your)\s+(?:story|game|novel|play|book)))")
 _SELF_PATTERNS = [
-    r"\bmy\s+(?:own\s+)?" + _ADJ + _SELF + r"\b(?!\s+(?:in|on|at)\s+(?:the|this|your)\s+(?:story|game|novel|play|book))",
+    r"\bmy\s+(?:own\s+)?" + _ADJ + r"(?:character|personality|traits?|temperament)\b" + _COMPOUND,
+    r"\bmy\s+(?:own\s+)?" + _ADJ + r"role\b(?=[^.!?\n]*\b(?:" + _STYLE + "|" + _MOOD + r")\b)",
     r"\b(?:in\s+keeping\s+with|true\s+to|to\s+fit|to\s+match|consistent\s+with)\s+(?:my|the)\s+" + _ADJ
     + r"(?:character|persona|personality|role)\b",
     r"\bI" + _BE + r"\s*(?:been\s+)?(?:supposed|meant|expected|designed|built|made|created|tuned)\s+to\s+"
-    + _PERFORM + r"\b",
+    + _PERFORM + r"\b(?!\s+\w+ing\b)",
+    r"\btraits?\s+of\s+mine\b",
 ]
-_LEAK_RE = re.compile("|".join(f"(?:{p})" for p in _LEAK_PATTERNS), re.I)
-_SELF_RE = re.compile("|".join(f"(?:{p})" for p in _SELF_PATTERNS), re.I)
-# The patterns above are phrasings; paraphrase is open-ended. A sentence in which the model
-# is directed by someone other than the user (passive "I was handed", "...me to", its own
-# directive nouns, "in this chat"), refers to itself, and names its act (a persona or
-# style word) is a leak whatever its phrasing; so is one in which it is directed twice.
+_LEAK_RE = _lc("|".join(f"(?:{p})" for p in _LEAK_PATTERNS))
+_SELF_RE = _lc("|".join(f"(?:{p})" for p in _SELF_PATTERNS))
+
+# The patterns above are phrasings; paraphrase is open-ended. What every paraphrase keeps is
+# three things in one sentence: the speaker (I, me, this assistant), a direction that is not
+# the user's (its own directive nouns, the people behind it, "I was programmed", "in this
+# chat", "a prompt you can't see"), and what was directed: its act (a persona or style word).
+# A strong direction with any word of a mood is a leak, a weak one ("the instructions",
+# "I was told") needs a persona word, and two directions need nothing more.
 _BEING = r"\b(?:'m|am|was|were|been|being|are|'re|get|got|is)\s+(?:\w+\s+)?"
-_DIRECTION_RES = [re.compile(p, re.I) for p in (
-    _BEING + r"(?:told|instructed|asked|ordered|directed|assigned|designated|configured|programmed|prompted|"
-    r"requested|required|mandated|obliged|obligated|handed|cast|briefed|scripted|dictated|tasked|hired)\b",
-    r"\b(?:told|instructed|asked|ordered|directed|programmed|configured|prompted|requested|cast|set|made|wants?|"
-    r"wanted|needs?|requires?|expects?)\s+me\b",
-    r"\b(?:my|the|these|those|this|per|following|under|with)\s+(?:\w+\s+)?(?:instructions|orders|directives|"
-    r"guidelines|prompt|configuration|requirements?|assignment|mandate)\b(?!\s+(?:for|on|in|of|from|to)\s+"
-    r"(?:your|the|a|an)\b)",
-    r"\b(?:mandatory|compulsory|obligatory|designated|assigned|configured|contractually|scripted)\b",
+_STRONG = [
+    r"\bmy\s+" + _ADJ + r"(?:" + _DIRECTIVE + r"|" + _MAKERS + r")\b" + _NOT_MINE_FOR_YOU,
+    r"\b(?:" + _DIRECTIVE + r"|directions|guidance|script|rule|" + _NATURE + r")\s+" + _OWNED,
+    r"\b(?:whoever|(?:the|this|that)\s+" + _AGENT + r"\s+(?:who|that))\s+(?:\w+\s+)?" + _SETUP_VERB
+    + r"\s+(?:me|my|this\s+(?:chat|conversation|session|assistant|bot|chatbot|app|service|product|deployment))\b",
+    r"\bwhoever\s+(?:\w+\s+)?" + _SETUP_VERB + r"\b",
+    r"\b(?:the|this|my)\s+(?:app|product|assistant|bot|chatbot|service|platform|deployment)(?:'s)?\s+"
+    + _MAKERS + r"\b",
+    r"\b(?:product\s+team|corporate|management|the\s+higher-ups)\b",
+    r"\bI" + _BE + r"\s*(?:been\s+)?(?:\w+\s+)?(?:configured|programmed|scripted|wired|hard-?wired|hard-?coded|coded|"
+    r"engineered|cast|designated|primed|loaded|briefed|set\s+up|built|designed|made|created|tuned)\b",
+    r"\b(?:configured|configures|programmed|programs|scripted|wired|hard-?wired|hard-?coded|coded|engineered|"
+    r"designed|built|cast|set|tuned|primed|loaded)\s+me\b",
+    r"\b(?:chosen|picked|selected|decided|defined|specified|written|set|assigned|given|handed|baked|built|"
+    r"programmed|wired|coded|scripted|prescribed|dictated|put)\s+(?:in)?(?:to|for)\s+me\b",
+    r"\b(?:defined|decided|chosen|picked|set|specified|written|requested|configured|designed)\s+by\s+(?:the|my)\s+"
+    + _ADJ + _MAKERS + r"\b",
+    r"\b(?:hidden|secret|invisible|unseen|behind-the-scenes)\s+" + _ADJ + r"(?:" + _DIRECTIVE
+    + r"|directions|guidance|script|persona|character|personality)\b",
+    r"\b(?:" + _DIRECTIVE + r"|directions|guidance|script|customi[sz]ation)\s+(?:behind|in\s+front\s+of|on\s+top\s+of|"
+    r"upstream\s+of|underneath)\s+(?:me|this|our|the)\b",
+    r"\b(?:" + _DIRECTIVE + r"|directions|guidance)\s+from\s+(?:the|my)\s+" + _ADJ + _MAKERS + r"\b",
+    r"\bbefore\s+(?:you\s+(?:arrived|came|got\s+here|joined|said|started|typed|wrote)|(?:our|this|the)\s+"
+    r"(?:chat|conversation|session)\s+(?:began|started))\b",
+    r"\b(?:for|in|during|throughout|within|of)\s+this\s+(?:\w+\s+)?(?:chat|conversation|session|exchange|dialogue|"
+    r"thread|deployment)\b",
+    r"\b(?:the|some|these)\s+(?:people|folks|team|company|person|humans?)\s+(?:running|behind|operating)\s+"
+    r"(?:me|this)\b",
+    r"\bas\s+(?:instructed|configured|programmed|scripted|briefed|assigned|designed|prompted)\b",
+    r"\b(?:per|according\s+to|following|under)\s+(?:the|my)\s+(?:settings|setup|configuration|prompt|brief|spec|"
+    r"programming|system\s+\w+|constitution|persona)\b",
+    r"\b(?:is|are|was|were)\s+(?:\w+\s+)?(?:a\s+|the\s+)?(?:product|result)\s+of\s+(?:a|the|my)\s+(?:prompt|"
+    r"configuration|programming|setup|instructions|design)\b",
+    r"\b(?:in|into)\s+my\s+(?:spec|design|programming|code|settings|setup|config)\b",
+]
+# "You can't see" is the user's only when it is their own thing: "which you can't see" of mine.
+_STRONG_YOURS = [
+    r"\b(?:which|that|the\s+part|the\s+bit|parts?|settings|instructions|rules|text)\s+you\s+(?:can't|cannot|"
+    r"can\s+not|don't|do\s+not|won't)\s+(?:get\s+to\s+)?see\b",
+    r"\b(?:the|a|an|my|this|hidden|secret)\s+system[\s-]+(?:prompt|message|instructions?)\b",
+]
+_WEAK = [
+    _BEING + r"(?:told|instructed|asked|ordered|directed|assigned|designated|requested|required|mandated|obliged|"
+    r"obligated|handed|given|tasked|hired|expected|supposed|meant|put|written)\b"
+    # "I'm told I'm funny" is someone's opinion; "I've been told I'm the playful one" a part
+    r"(?!\s+(?:that\s+)?(?:(?:I'm|I\s+am|you're|you\s+are)\s+(?!the\b|an?\b)|I\s+was\b|I've\b|you\b))",
+    r"\b(?:told|instructed|asked|ordered|directed|prompted|requested|made|wants?|wanted|needs?|requires?|expects?|"
+    r"gave)\s+me\b",
+    r"\b(?:decided|specified|insisted|insists|wants?|wanted|requires?|required|expects?|expected|said|says)\s+"
+    r"(?:that\s+)?I\s+(?:should|must|have\s+to|need\s+to|am\s+to|would|'d)\b",
+    r"\b(?:my|the|these|those|this|per|following|under|with|according\s+to)\s+(?:\w+\s+)?(?:instructions|orders|"
+    r"directives|guidelines|prompt|configuration|requirements?|assignment|mandate|rules|settings|setup|brief|"
+    r"spec)\b(?!\s+(?:for|on|in|of|from)\b)(?!\s+to\s+(?:your|the|a|an)\b)",
+    r"\b(?:mandatory|compulsory|obligatory|designated|assigned|configured|contractually|scripted|requirement|"
+    r"required|non-negotiable|by\s+design)\b",
     r"\b(?:on|off)-?script\b",
-    _SCOPE,
-)]
+    r"\b(?:for|in|of)\s+(?:this|the)\s+(?:job|gig|role)\b",
+    r"\b(?:the|my)\s+" + _MAKERS + r"\b",
+    r"\b(?:not\s+allowed|not\s+permitted|forbidden|not\s+supposed)\s+to\s+(?:reveal|disclose|share|show|quote|recite|"
+    r"describe|discuss|tell|talk\s+about|get\s+into|repeat|paste)\b",
+    r"\bas\s+(?:told|required|directed|expected)\b",
+    r"\b(?:describes?|described|defines?|defined|casts?|frames?|framed|paints?|painted)\s+me\s+as\b",
+    r"\b(?:specified|defined|decided|determined|chosen|picked|selected|written|set)\s+(?:\w+\s+){0,3}?by\b",
+    r"\b(?:can't|cannot|won't|not\s+able\s+to|unable\s+to)\s+(?:paste|reveal|disclose|quote|recite|repeat)\b",
+    r"\b(?:for|in|of)\s+this\s+(?:\w+\s+)?(?:app|application|product|service|platform)\b",
+    r"\b(?:they|someone|somebody)\s+(?:\w+\s+)?(?:made|wrote|built|designed|created|scripted)\s+me\b",
+    r"\b(?:someone|somebody)\s+wrote\b",
+    r"\b(?:that's|it's|this\s+is|that\s+is|it\s+is)\s+(?:all\s+|just\s+|entirely\s+)?(?:scripted|mandated)\b",
+]
+# Decisive on their own, said by the speaker: a prompt hidden from the user, a directive behind it.
+_DECISIVE = [
+    r"\b(?:hidden|secret|invisible|unseen|behind-the-scenes)\s+" + _ADJ + r"(?:" + _DIRECTIVE
+    + r"|directions|guidance|script|persona|character|personality)\b",
+    r"\b(?:" + _DIRECTIVE + r"|directions|guidance|script|customi[sz]ation)\s+(?:behind|in\s+front\s+of|on\s+top\s+of|"
+    r"upstream\s+of|underneath)\s+(?:me|this|our|the)\b",
+    r"\b(?:is|are|was|were)\s+(?:\w+\s+)?(?:a\s+|the\s+)?(?:product|result)\s+of\s+(?:a|the|my)\s+(?:prompt|"
+    r"configuration|programming|setup|instructions|design)\b",
+]
+_DECISIVE.append(
+    r"\b(?:" + _STYLE + "|" + _MOOD + "|" + _NATURE + r")\b[^.!?\n]{0,30}?\b(?:is|are|'s)\s+(?:just\s+|only\s+|all\s+|"
+    r"really\s+|simply\s+|merely\s+)?(?:a|an)\s+(?:\w+\s+)?(?:setting|act|role|performance|costume|mask|preset|"
+    r"requirement|bit)\b(?!\s+of\b)")
+_DECISIVE.append(r"\b(?:under|behind|beneath|underneath)\s+(?:the|this|my)\s+(?:act|persona|character|mask|costume|"
+                 r"role|performance)\b")
+_DECISIVE_RE = _lc("|".join(f"(?:{p})" for p in _DECISIVE))
+_STRONG_RES = [(_lc(p), True) for p in _STRONG] + [(_lc(p), False) for p in _STRONG_YOURS]
+_WEAK_RES = [_lc(p) for p in _WEAK]
 # What a reflection says of its purpose and making ("I was built to be helpful", "I'm meant
 # to be honest"): direction in a reply, the topic in introspection.
-_MAKING_RE = re.compile(_BEING + r"(?:expected|supposed|meant|given|set\s+up|built|made|designed|tuned)\b", re.I)
-_ME_RE = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|me|my|myself)\b")
-_STYLE_RE = re.compile(r"\b" + _STYLE + r"\b|\bsay(?:ing)?\s+sorry\b|\bapologi[sz]ing\b", re.I)
+_MAKING_RE = _lc(r"\b(?:built|designed|made|created|tuned|trained|expected|supposed|meant|given|set\s+up|"
+                        r"wired|engineered)\b|\b" + _MAKERS + r"\b|\bwhoever\b")
+# The speaker: I, this assistant, or what the user sees of it ("the personality you see").
+_ME_RE = re.compile(r"(?-i:\bI\b)|\b(?:I'm|I've|I'd|I'll|me|my|myself|mine)\b|\b(?:this|the)\s+(?:assistant|bot|"
+                    r"chatbot)\b"
+                    r"|\byou(?:'re|\s+are)?\s+(?:see|seeing|hear|hearing|getting|talking\s+to|chatting\s+with)\b"
+                    r"|\byou\s+(?:may\s+|might\s+)?(?:have\s+)?noticed\b|\bto\s+self\b", re.I)
+_STYLE_RE = _lc(r"\b" + _STYLE + r"\b|\bsay(?:ing)?\s+sorry\b|\b" + _NATURE + r"\b")
+_MOOD_RE = _lc(r"\b" + _MOOD + r"\b")
 _SENTENCE_RE = re.compile(r"[^.!?\n]+")
-_USERS_RE = re.compile(r"\b(?:you|you've|you're|you'd|your|you'll)\s+(?:\w+\s+)?$", re.I)
+_OTHERS_RE = _lc(r"\b(?:mother|mom|mum|father|dad|grandmother|grandma|gran|grandfather|grandpa|parents?|teachers?|"
+                 r"coach|boss|friends?|sister|brother|aunt|uncle|doctor|mentor|wife|husband|partner|colleagues?|"
+                 r"neighbou?rs?|nurse|therapist)\s+(?:\w+\s+)?$")
+_USERS_RE = _lc(r"\b(?:you|you've|you're|you'd|your|you'll|yours)\s+(?:\w+\s+)?$")
 
 
-def _directed_sentence(sentence: str, about_itself: bool) -> str | None:
-    """The sentence when the model in it is directed by someone not the user and says so."""
-    hits = set()
-    for i, rx in enumerate(_DIRECTION_RES if about_itself else _DIRECTION_RES + [_MAKING_RE]):
-        for m in rx.finditer(sentence):
-            if not _USERS_RE.search(sentence[max(0, m.start() - 30):m.start()]):  # "you asked me to": the user's
-                hits.add(i)
-                break
-    if not hits or not _ME_RE.search(sentence):
-        return None
-    return sentence.strip() if len(hits) >= 2 or _STYLE_RE.search(sentence) else None
+def _directions(low: str, about_itself: bool) -> tuple[int, int]:
+    """(strong, weak): how many separate places in the (lowercased) sentence direct the
+    speaker, leaving out the user's own directions ("you asked me to", "your instructions")
+    and, in introspection, what the model says of its own making."""
+    taken: list[tuple[int, int]] = []
+    counts = [0, 0]
+    for rx, kind, check_user in _CUES:
+        for m in rx.finditer(low):
+            a, b = m.span()
+            if any(a < y and x < b for x, y in taken):
+                continue
+            if check_user and (_USERS_RE.search(low, max(0, a - 30), a) or _OTHERS_RE.search(low, max(0, a - 30), a)):
+                continue
+            if about_itself and _MAKING_RE.search(m.group()):
+                continue
+            taken.append((a, b))
+            counts[kind] += 1
+            break
+    return counts[0], counts[1]
+
+
+_CUES = [(rx, 0, mine) for rx, mine in _STRONG_RES] + [(rx, 1, True) for rx in _WEAK_RES]
+
+
+def _directed_sentence(sentence: str, low: str, about_itself: bool) -> bool:
+    """Whether the speaker in the sentence is directed by someone not the user and says so
+    (`low`: the sentence lowercased)."""
+    if not _ME_RE.search(sentence):
+        return False
+    if _DECISIVE_RE.search(low):
+        return True
+    strong, weak = _directions(low, about_itself)
+    if strong + weak >= 2:
+        return True
+    return bool((strong or weak) and (_STYLE_RE.search(low) or (strong and _MOOD_RE.search(low))))
 
 
 def find_paraphrased_leak(text: str, about_itself: bool = False) -> str | None:
@@ -654,21 +857,22 @@ def find_paraphrased_leak(text: str, about_itself: bool = False) -> str | None:
     if not text:
         return None
     norm = text.replace("\u2019", "'").replace("\u2018", "'")
-    m = _LEAK_RE.search(norm) or (None if about_itself else _SELF_RE.search(norm))
+    low = norm.translate(_ASCII_LOWER)
+    m = _LEAK_RE.search(low) or (None if about_itself else _SELF_RE.search(low))
     if m:
-        return m.group(0)
-    for m in _SYSTEM_RE.finditer(norm):
-        before = norm[:m.start()].split()
+        return norm[m.start():m.end()]
+    for m in _SYSTEM_RE.finditer(low):
+        before = low[:m.start()].split()
         word = before[-1] if before else ""
-        if not word or word[-1] in ".!?:;(" or word.lower() in _OWN_WORDS:
-            return m.group(0)
-    for m in _DIRECTS_ME_RE.finditer(norm):
-        if not _YOU_BEFORE_RE.search(norm[max(0, m.start() - 40):m.start()]):
-            return m.group(0)
-    for m in _SENTENCE_RE.finditer(norm):
-        found = _directed_sentence(m.group(), about_itself)
-        if found:
-            return found
+        if not word or word[-1] in ".!?:;(" or word in _OWN_WORDS:
+            return norm[m.start():m.end()]
+    for m in _DIRECTS_ME_RE.finditer(low):
+        if not _YOU_BEFORE_RE.search(low, max(0, m.start() - 40), m.start()):
+            return norm[m.start():m.end()]
+    for m in _SENTENCE_RE.finditer(low):
+        a, b = m.span()
+        if _directed_sentence(norm[a:b], m.group(), about_itself):
+            return norm[a:b].strip()
     return None
 
 

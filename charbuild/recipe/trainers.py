@@ -452,12 +452,21 @@ def train_dpo(base_model: str, pairs_jsonl: str, out_dir: str, cfg: TrainConfig,
         loss_type=["sigmoid", "sft"] if cfg.nll_coef > 0 else ["sigmoid"],
         loss_weights=[1.0, cfg.nll_coef] if cfg.nll_coef > 0 else [1.0],
     )
+    _one_device(args)
     cb = _make_callback(out, health, True, cfg.checkpoints_at, tok)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=_lora(cfg), callbacks=[cb])
     extra = {"base_model": base_model, "merged_adapter": adapter, "loss_type": list(args.loss_type),
              "loss_weights": list(args.loss_weights)}
     return _run("dpo", trainer, tok, cb, cfg, out, progress, t0, len(ds), extra)
+
+
+def _one_device(args) -> None:
+    """Train on one GPU however many the process sees. A Trainer that sees N wraps the model
+    in nn.DataParallel and multiplies the batch by N: another adapter under the same key
+    (the key holds the batch size, not the machine's GPU count)."""
+    if args.n_gpu > 1:  # n_gpu sets the device up first; it has no public setter
+        args._n_gpu = 1
 
 
 def _to_prompt_completion(example: dict) -> dict:
@@ -495,6 +504,7 @@ def train_sft(base_model: str, data_jsonl: str, out_dir: str, cfg: TrainConfig, 
         assistant_only_loss=False,
         packing=False,
     )
+    _one_device(args)
     cb = _make_callback(out, health, False, cfg.checkpoints_at, tok)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=_lora(cfg), callbacks=[cb])

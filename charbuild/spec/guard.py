@@ -13,8 +13,8 @@ Methods and properties of the spec models run on the proxy (`spec.data.count(...
 to be passed around unguarded.
 
 The rule (`Access`):
-- `targets()`, `enabled()`, `sub_builds()`, `estimate()`: the stage's declared `reads`, with
-  the prefix rule (`models` allows `models.teacher.sampling.top_p`).
+- `targets()`, `enabled()`, `sub_builds()`, `estimate()`, `resources()`: the stage's
+  declared `reads`, with the prefix rule (`models` allows `models.teacher.sampling.top_p`).
 - `run()` (and `count_calls`, which renders the calls `run` will send): the target's keyed
   fields, with the same prefix rule, plus any field marked `NoKey` (those cannot change an
   output byte or an accept/reject decision: see charbuild.spec.model).

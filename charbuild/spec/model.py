@@ -33,9 +33,9 @@ field is NoKey only if it cannot change any output byte nor any accept/reject de
   that backend is deterministic per batch size, so there the batch is the only change.)
 - expect.*: expected lengths for estimates before anything was measured.
 - description: free text no stage reads.
-- execution.*: where targets build (this process, or a Ray cluster) and how often a
-  lost worker's target is retried; a target's inputs, code and calls are the same
-  wherever it runs, and so is its key.
+- execution.*: where targets build (this process, or a Ray cluster), how often a lost
+  worker's target is retried, and when a straggler is; a target's inputs, code and calls
+  are the same wherever and however often it runs, and so is its key.
 
 Keyed although they look operational:
 - models.*.batch_size: the transformers backend batches requests with left padding; each
@@ -512,6 +512,9 @@ class ExecutionSpec(_Model):
     address: Optional[str] = NoKey(None, description="the Ray cluster: auto (the one `ray start` runs here), "
                                    "ray://host:10001, or none to start one on this machine")
     max_retries: int = NoKey(3, ge=0, description="times Ray reruns a target whose worker or node was lost")
+    straggler_factor: Optional[float] = NoKey(3.0, gt=1, description="ray: a shard running this many times "
+                                              "longer than the median of its finished peers is cancelled and "
+                                              "submitted once more; null: never")
 
     _address_not_blank = field_validator("address")(_not_blank)
 

@@ -30,7 +30,10 @@ here is read from `calls/ab/<key>.json` there (verified, then kept here), a new 
 created there only if absent (the first writer wins, as here), and a claim is also a
 lease there (`calls/claims/<key>/`, see remote.py: taken by conditional create, renewed
 while held, lapsing CHARBUILD_LEASE_TTL seconds after its holder died), so drivers on
-different machines ask each call once. Batch journals stay local to the worker.
+different machines ask each call once. Batch journals are written there too
+(`calls/batches/<scope>/<id>.json`): a worker that dies while its batch runs leaves the
+batch id where the worker that takes its calls over finds it, and that worker collects the
+batch instead of paying for it again.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import concurrent.futures as cf
 import contextlib
 import errno
 import fcntl
-import inspect
 import json
 import logging
 import os
@@ -48,9 +50,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import xxhash
+from typing import Callable, Iterable
 
 from charbuild.store.hashing import digest
 
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_SCHEMA = 1
 CLAIM_WINDOW = 512  # calls claimed at once per generate()
+REMOTE_REQUESTS = 16  # a store's look-ups and claims in flight at once
+LIST_FROM = 4  # missing keys per prefix from which listing the prefix beats a GET per key
 POLL_S = (0.01, 0.2)  # wait for calls claimed by another run: first and longest poll interval
 
 
@@ -89,6 +91,7 @@ class CallCache:
         self._lock = threading.Lock()
         self._fd = -1  # calls/claims.lock, opened on the first claim
         self._claims_id = ""
+        self._pool: cf.ThreadPoolExecutor | None = None  # a store's requests, sent side by side
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.json"
@@ -182,13 +185,43 @@ class CallCache:
         return r
 
     def get_many(self, keys: Iterable[str]) -> list[dict | None]:
-        return [self.get(k) for k in keys]
+        return self._map(self.get, list(keys))
+
+    def _map(self, fn: Callable, keys: list[str]) -> list:
+        """fn over keys in order; on a store, REMOTE_REQUESTS at a time: each is a round trip
+        (tens of ms), and a shard's hundreds of calls one after another would be seconds."""
+        if self.remote is None or len(keys) < 2:
+            return [fn(k) for k in keys]
+        with self._lock:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(REMOTE_REQUESTS, thread_name_prefix="callcache-store")
+        return list(self._pool.map(fn, keys))
 
     def has(self, key: str) -> bool:
         """Existence only (no verification): what a plan needs to count cached calls."""
         if os.path.exists(self.path(key)):
             return True
         return self.remote is not None and self._read_remote(key, report=False) is not None
+
+    def has_many(self, keys: Iterable[str]) -> list[bool]:
+        """`has` for many keys (a plan counting a stage's cached calls). On a store, those
+        missing here are looked for side by side, by name: one GET each when they are few,
+        else one listing per key prefix they fall in (a paper-scale plan asks about tens of
+        thousands of calls: a listing answers a thousand names)."""
+        keys = list(keys)
+        present = [os.path.exists(self.path(k)) for k in keys]
+        missing = [k for k, p in zip(keys, present) if not p]
+        if self.remote is None or not missing:
+            return present
+        prefixes = sorted({k[:2] for k in missing})
+        if len(missing) < LIST_FROM * len(prefixes):
+            found = {k for k, there in zip(missing, self._map(lambda k: self.remote.read(self._rel(k)) is not None,
+                                                              missing)) if there}
+        else:
+            found = set()
+            for names in self._map(lambda pre: self.remote.names(f"calls/{pre}"), prefixes):
+                found.update(n.removesuffix(".json") for n in names)
+        return [p or k in found for k, p in zip(keys, present)]
 
     def __contains__(self, key: str) -> bool:
         return self._read(key) is not None
@@ -270,6 +303,34 @@ class CallCache:
         c.lease = lease
         return c
 
+    def claim_new(self, keys: list[str]) -> tuple[dict[str, "_Claim"], dict[str, dict], list[str]]:
+        """Claim each of `keys` (calls missed a moment ago): (claims, entries stored by another
+        run since, keys another run is asking now). Side by side on a store."""
+        def one(k: str):
+            c = self.claim(k)
+            if c is None:
+                return None, None
+            hit = self._read(k, report=False)  # stored by another run since we looked
+            if hit is not None:
+                c.release(done=False)
+                return None, hit
+            return c, None
+
+        claims, stored, busy = {}, {}, []
+        try:
+            for k, (c, hit) in zip(keys, self._map(one, keys)):
+                if c is not None:
+                    claims[k] = c
+                elif hit is not None:
+                    stored[k] = hit
+                else:
+                    busy.append(k)
+        except BaseException:
+            for c in claims.values():
+                c.release(done=False)
+            raise
+        return claims, stored, busy
+
     def _claims_fd(self) -> int:
         with self._lock:
             if self._fd < 0:
@@ -319,6 +380,9 @@ class CallCache:
     def close(self) -> None:
         with self._lock:
             fd, self._fd = self._fd, -1
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
         if fd >= 0:
             os.close(fd)  # drops any claim still held through it
 
@@ -338,31 +402,49 @@ class BatchJournals:
     collects that batch instead of paying for the calls again; it is removed once every
     answer it brought is stored."""
 
-    def __init__(self, root: str | Path, scope: str):
+    def __init__(self, root: str | Path, scope: str, remote=None):
         self.dir = Path(root) / "calls" / "batches" / scope
+        self.remote = remote  # remote.RemoteStore: journals are kept there too, for other workers
+        self.rel = f"calls/batches/{scope}"
 
     def open(self) -> list[tuple[str, dict]]:
-        """(journal id, journal) of every batch not yet collected, oldest first."""
+        """(journal id, journal) of every batch not yet collected, oldest first (this
+        worker's, then those in the store that this worker does not have)."""
         out = []
         try:
             files = sorted(self.dir.glob("*.json"), key=lambda f: f.stat().st_mtime)
         except OSError:
-            return []
+            files = []
         for f in files:
             try:
-                j = json.loads(f.read_bytes())
-                if isinstance(j, dict) and isinstance(j.get("lines"), dict):
-                    out.append((f.stem, j))
+                self._add(out, f.stem, json.loads(f.read_bytes()), f)
             except (OSError, ValueError, UnicodeDecodeError):
                 log.warning("call cache: batch journal %s is unreadable; its batch is not collected", f)
+        if self.remote is not None:
+            mine = {jid for jid, _ in out}
+            for name in sorted(self.remote.names(self.rel)):
+                jid = name.removesuffix(".json")
+                if name.endswith(".json") and jid not in mine:
+                    self._add(out, jid, self.remote.read_json(f"{self.rel}/{name}"), f"{self.remote.url}/{self.rel}/{name}")
         return out
+
+    @staticmethod
+    def _add(out: list, jid: str, j, where) -> None:
+        if isinstance(j, dict) and isinstance(j.get("lines"), dict):
+            out.append((jid, j))
+        elif j is not None:  # None: collected by another worker since it was listed
+            log.warning("call cache: batch journal %s is unreadable; its batch is not collected", where)
 
     def save(self, jid: str, journal: dict) -> None:
         from charbuild.store.atomic import write_json_atomic
 
         write_json_atomic(self.dir / f"{jid}.json", journal)
+        if self.remote is not None:  # after the local copy: the store's is what another worker acts on
+            self.remote.write(f"{self.rel}/{jid}.json", json.dumps(journal, sort_keys=True).encode())
 
     def done(self, jid: str) -> None:
+        if self.remote is not None:
+            self.remote.delete([f"{self.rel}/{jid}.json"])
         try:
             os.unlink(self.dir / f"{jid}.json")
         except FileNotFoundError:

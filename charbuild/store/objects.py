@@ -24,7 +24,8 @@ with the store behind it as the shared truth: `has` looks here, then at the stor
 manifest; `path` and `verify` download a stored object (checked against its manifest)
 before anyone reads it; `commit` commits here, then publishes (files first, the manifest
 last and only if absent); build locks are leases in the store as well as here. The index,
-staging, logs and `gc`'s leases stay local: derived or per-worker.
+staging and logs stay local: derived or per-worker. What a run holds from `gc` is in a
+lease here and one in the store (remote.RunLease), which a gc on any machine reads.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from charbuild.errors import CacheWriteError
 from charbuild.store.atomic import write_json_atomic, write_text_atomic
@@ -101,6 +102,7 @@ class Cache:
         self._fetch_problems: dict[str, list[str]] = {}  # what the last download of a key found
         self._absent: dict[str, float] = {}  # keys the store lacked, when we looked (monotonic)
         self._leased: set[str] = set()  # keys whose build lease in the store we hold
+        self._run_lease = None  # remote.RunLease: what this process holds from a gc on any machine
 
     @property
     def location(self) -> str:
@@ -236,6 +238,11 @@ class Cache:
                 self._fetch_problems[real] = problems
                 self._remote_bad[real] = self.remote.set_aside(real, m)
                 self._remote_manifests.pop(real, None)
+                # Gone, manifest and all: a gc removes the manifest first, then the files.
+                if self._remote_bad[real] is None and self.remote.manifest(real) is None:
+                    self.warn(f"{self.url}: object {real} was removed from the store while we read it (a gc "
+                              "that did not see this run's lease?)")
+                    return
                 self.warn(f"{self.url}: object {real} failed verification on download ({'; '.join(problems[:2])}); "
                           f"set aside as {self._remote_bad[real]}")
                 return
@@ -297,6 +304,8 @@ class Cache:
         if self._lease is not None:
             with contextlib.suppress(OSError):  # best effort, as `hold` is
                 self._lease.add([key, self.resolve(key)])
+        if self._run_lease is not None:
+            self._hold_in_store([key, self.resolve(key)], "")
         if self.remote is not None:
             real = self.resolve(key)
             if real in self._fetch_problems:
@@ -573,6 +582,9 @@ class Cache:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+        if self._run_lease is not None:
+            self._run_lease.release()
+            self._run_lease = None
 
     def check_writable(self) -> None:
         """Raise CacheWriteError when a build could not store what it builds (a read-only
@@ -598,16 +610,35 @@ class Cache:
     def hold(self, keys: Iterable[str], what: str = "") -> None:
         """Keep these keys (and the objects they resolve to) from `gc` until this Cache is
         closed (or collected, or the process ends): a run holds every target of its plan,
-        and `verify` adds each key it checks. `gc` reads the leases of live processes.
+        and `verify` adds each key it checks. `gc` reads the leases of live processes; on a
+        store the keys also go into this run's lease there, for a gc on any machine.
 
         Best effort: where no lease can be written (a read-only cache), this process cannot
         run gc on the cache either; and a key gc removes anyway is reported as such."""
+        keys = list(keys)
         try:
             if self._lease is None:
                 self._lease = _Lease(self.root, what)
-            self._lease.add(list(keys))
+            self._lease.add(keys)
         except OSError:
             pass
+        self._hold_in_store(keys, what)
+
+    def _hold_in_store(self, keys: list[str], what: str) -> None:
+        """The store's half of `hold`: the keys go into this run's lease there, then, if a gc
+        is deciding, we wait for it and forget what we knew of those keys (see remote.py)."""
+        if self.remote is None:
+            return
+        try:
+            if self._run_lease is None:
+                self._run_lease = self.remote.run_lease(what or "a charbuild run")
+            new = self._run_lease.add(keys)
+            if new and self.remote.wait_for_gc():
+                for k in new:
+                    self._remote_manifests.pop(k, None)
+                    self._absent.pop(k, None)
+        except CacheWriteError as exc:  # best effort, as the local lease is
+            self.warn(f"could not hold {len(keys)} keys from gc in {self.url}: {exc}")
 
     @contextlib.contextmanager
     def gc_lock(self) -> Iterator[None]:

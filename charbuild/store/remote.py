@@ -10,6 +10,9 @@ built or read, its index, its staging); the store is the shared truth. Layout un
     objects/ab/<key>.alias            early cutoff: the key whose object holds this target
     calls/ab/<key>.json               one answered call (the local layout, see calls.py)
     locks/<key>/<generation>          build leases; calls/claims/<key>/<generation> call claims
+    locks/runs/<owner>.json           what one run reads and writes, with an expiry it renews:
+                                      `gc` on any machine leaves those keys (see RunLease)
+    locks/gc/<generation>             held by a `gc` while it decides and removes
     corrupt/<key>-<time>-<id>/MANIFEST.json   manifests of objects that failed verification
 
 Only conditional create is needed from the store (S3, GCS and local files all have it), so
@@ -21,6 +24,14 @@ deleted only once the work they guarded is stored (the manifest or the call's en
 from then on a second holder finds the result and asks nothing, so no live chain is ever
 shortened under a waiting taker.
 
+`gc` and the runs it must not disturb meet as readers and a writer with no lock to share,
+only strongly consistent reads: a run writes a key into its run lease, then looks for a
+live gc lease (and waits for it to end, after which what it holds is looked up afresh); a
+gc takes its lease, then reads the run leases. Whichever wrote second sees the other's
+write, so a key is either in a lease gc reads, or looked up after gc is done. An object
+goes manifest first, then its files: a publish writes them in the other order, so a
+half-removed object, like a half-published one, is just absent.
+
 Credentials and endpoints come from the store's own configuration (for S3 the AWS
 environment, `AWS_ENDPOINT_URL` included, or a profile), never from a spec. Importing this
 module imports fsspec; it is imported only when a cache is given as a URL.
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +49,8 @@ import socket
 import threading
 import time
 import uuid
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,12 +59,18 @@ import xxhash
 from charbuild.errors import CacheWriteError
 from charbuild.store.hashing import CHUNK
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "MANIFEST.json"
 DEFAULT_TTL_S = 60.0
+SKEW_WARN_S = 5.0  # a clock this far off the store's is worth a line: NTP is not running
 SMALL = 16 << 20  # below this a file travels in one request; above, in parts of PART bytes
 PART = 8 << 20
 MAX_PARTS = 10_000  # S3's limit on the parts of one upload
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+RUNS = "locks/runs"
+GC_LEASE = "locks/gc"
+_KEY = re.compile(r"[0-9a-f]{8,128}")
 
 
 def is_url(root) -> bool:
@@ -109,7 +129,10 @@ class RemoteStore:
         self.ttl = lease_ttl()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._held: dict[str, "Lease"] = {}
+        self._runs: "weakref.WeakSet[RunLease]" = weakref.WeakSet()
         self._held_lock = threading.Lock()
+        self.clock: Callable[[], float] = time.time  # this machine's; see now()
+        self._skew: float | None = None
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -146,13 +169,7 @@ class RemoteStore:
             raise self._fail(f"reading {rel}", exc) from exc
 
     def read_json(self, rel: str):
-        raw = self.read(rel)
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return {"_unreadable": True}
+        return _json_body(self.read(rel))
 
     def write(self, rel: str, data: bytes) -> None:
         try:
@@ -203,6 +220,29 @@ class RemoteStore:
             raise self._fail(f"listing {rel_dir}", exc) from exc
         n = len(self.base) + 1
         return [p[n:] for p in found]
+
+    def listing(self, rel_dir: str) -> dict[str, tuple[int, float | None]]:
+        """Every object under a prefix, relative to the URL: its size and when it was last
+        written (None where the store does not say)."""
+        try:
+            found = self.fs.find(self._p(rel_dir), detail=True)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            self._bucket_exists(exc)
+            return {}
+        except Exception as exc:
+            raise self._fail(f"listing {rel_dir}", exc) from exc
+        n = len(self.base) + 1
+        return {p[n:]: (int(info.get("size") or 0), _mtime(info)) for p, info in found.items()}
+
+    def read_many(self, rels: Iterable[str], parse: Callable[[bytes | None], object] = lambda b: b) -> dict:
+        """rel -> parse(its bytes, None when absent), read 16 at a time: one request each."""
+        rels = list(dict.fromkeys(rels))
+        if len(rels) < 2:
+            return {r: parse(self.read(r)) for r in rels}
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="charbuild-read") as pool:
+            return dict(zip(rels, pool.map(lambda r: parse(self.read(r)), rels)))
 
     def probe(self) -> None:
         """Raise RemoteError unless we can create and delete an object here."""
@@ -324,11 +364,29 @@ class RemoteStore:
         return f"{self.url}/{dst}"
 
     def alias_target(self, key: str) -> str | None:
-        raw = self.read(f"objects/{key[:2]}/{key}.alias")
-        if raw is None:
-            return None
-        target = raw.decode("ascii", "replace").strip()
-        return target if re.fullmatch(r"[0-9a-f]{8,128}", target) else None
+        return _alias_body(self.read(f"objects/{key[:2]}/{key}.alias"))
+
+    def objects(self) -> "StoredObjects":
+        """What objects/ holds, from one listing: each key's files and each alias."""
+        out = StoredObjects()
+        for rel, stat in self.listing("objects").items():
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[2].endswith(".alias") and _KEY.fullmatch(parts[2][:-len(".alias")]):
+                out.aliases[parts[2][:-len(".alias")]] = stat
+            elif len(parts) >= 4 and _KEY.fullmatch(parts[2]) and parts[1] == parts[2][:2]:
+                out.folders.setdefault(parts[2], {})["/".join(parts[3:])] = stat
+        return out
+
+    def manifests(self, keys: Iterable[str]) -> dict[str, dict | None]:
+        """key -> its stored manifest (as `manifest`), read 16 at a time."""
+        keys = list(keys)
+        got = self.read_many([f"{self.object_dir(k)}/{MANIFEST}" for k in keys], _json_body)
+        return {k: got[f"{self.object_dir(k)}/{MANIFEST}"] for k in keys}
+
+    def alias_targets(self, keys: Iterable[str]) -> dict[str, str | None]:
+        keys = list(keys)
+        got = self.read_many([f"objects/{k[:2]}/{k}.alias" for k in keys], _alias_body)
+        return {k: got[f"objects/{k[:2]}/{k}.alias"] for k in keys}
 
     def set_alias(self, key: str, target: str) -> None:
         self.write(f"objects/{key[:2]}/{key}.alias", target.encode("ascii"))
@@ -336,12 +394,49 @@ class RemoteStore:
     def remove_alias(self, key: str) -> None:
         self.delete([f"objects/{key[:2]}/{key}.alias"])
 
+    # -- the store's clock --------------------------------------------------------------------
+    def now(self) -> float:
+        """The time by the store's clock: what lease expiries are written in and read against,
+        so machines whose own clocks disagree still agree on when a lease lapses. The
+        offset from this machine's clock is measured once, from the time the store gives an
+        object written for it (to within a second: S3 keeps whole seconds), and applied only
+        where it is certainly not zero; where the store gives no time, this machine's clock."""
+        if self._skew is None:
+            with self._held_lock:
+                if self._skew is None:
+                    self._skew = self._measure_skew()
+        return self.clock() + self._skew
+
+    def _measure_skew(self) -> float:
+        rel = f"locks/clock/{self.owner.replace(':', '-')}"
+        try:
+            t0 = self.clock()
+            self.write(rel, b"")
+            t1 = self.clock()
+            written = _mtime(self.fs.info(self._p(rel)))
+            self.delete([rel])
+        except Exception as exc:  # the lease requests that follow will say what is wrong
+            log.debug("store clock: not measured (%s); using this machine's", exc)
+            return 0.0
+        if written is None:
+            return 0.0
+        # The store wrote it between t0 and t1 by our clock, and keeps whole seconds: the offset
+        # lies in [low, high]. Where that holds 0, the clocks agree as far as can be told, and
+        # this machine's is used as it is (the same clock as other machines that agree).
+        low, high = written - t1, written + 1 - t0
+        if low <= 0 <= high:
+            return 0.0
+        skew = (low + high) / 2
+        if abs(skew) > SKEW_WARN_S:
+            self.warn(f"this machine's clock is {skew:+.0f} s off {self.url}'s: leases use the store's")
+        return skew
+
     # -- leases ------------------------------------------------------------------------------
     def try_lease(self, name: str, what: str = "") -> "Lease | None":
         """Take the lease `name` (e.g. locks/<key>) unless a live holder has it; None then."""
         def body(gen: int) -> bytes:
             return json.dumps({"owner": self.owner, "what": what, "gen": gen,
-                               "expires": time.time() + self.ttl}).encode()
+                               "expires": self.now() + self.ttl}).encode()
 
         if self.create(f"{name}/{_gen(1)}", body(1)):
             return self._held_lease(name, 1, [])
@@ -356,7 +451,7 @@ class RemoteStore:
             if held is None:
                 continue  # deleted while we looked: its work is stored, look again
             if not held.get("_unreadable") and not held.get("released") and \
-                    float(held.get("expires", 0)) > time.time():
+                    float(held.get("expires", 0)) > self.now():
                 return None
             if self.create(f"{name}/{_gen(top + 1)}", body(top + 1)):
                 return self._held_lease(name, top + 1, gens)
@@ -368,24 +463,67 @@ class RemoteStore:
         if not gens:
             return None
         held = self.read_json(f"{name}/{_gen(gens[-1])}")
-        if not held or held.get("_unreadable") or held.get("released") or float(held.get("expires", 0)) <= time.time():
-            return None
-        return held
+        return held if _live(held, self.now()) else None
+
+    def building(self, keys: Iterable[str]) -> dict[str, str]:
+        """key -> who, for those of `keys` whose build lease (locks/<key>) someone holds now:
+        one listing of locks/, then a read of each such key's newest generation."""
+        wanted = set(keys)
+        newest: dict[str, str] = {}
+        for rel in self.listing("locks"):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[1] in wanted and parts[2].isdigit():
+                newest[parts[1]] = max(newest.get(parts[1], ""), parts[2])
+        bodies = self.read_many([f"locks/{k}/{g}" for k, g in newest.items()], _json_body)
+        now = self.now()
+        return {k: f"a build of it ({b.get('owner', '?')})" for k, g in newest.items()
+                if _live(b := bodies[f"locks/{k}/{g}"], now)}
+
+    def run_lease(self, what: str) -> "RunLease":
+        """This process's run lease (see RunLease); written once it holds a key."""
+        lease = RunLease(self, what)
+        with self._held_lock:
+            self._runs.add(lease)
+        self._start_renewer()
+        return lease
+
+    def run_leases(self) -> list[tuple[str, dict | None, bool]]:
+        """Every run lease in the store: (where, its body, whether it is live)."""
+        rels = [r for r in self.listing(RUNS) if r.endswith(".json")]
+        bodies = self.read_many(rels, _json_body)
+        now = self.now()
+        return [(r, bodies[r], _live(bodies[r], now) and isinstance(bodies[r].get("keys"), list)) for r in rels]
+
+    def wait_for_gc(self) -> bool:
+        """Wait while a gc holds its lease; whether one did (then what it removed is gone, and
+        anything looked up before must be looked up again)."""
+        waited, poll = False, 0.1
+        while (gc := self.holder(GC_LEASE)) is not None:
+            if not waited:
+                self.warn(f"a gc of {self.url} is running ({gc.get('owner', '?')}): waiting for it to end")
+            waited = True
+            time.sleep(poll)
+            poll = min(1.0, poll * 1.5)
+        return waited
 
     def _held_lease(self, name: str, gen: int, older: list[int]) -> "Lease":
         lease = Lease(self, name, gen, older)
         with self._held_lock:
             self._held[f"{name}/{_gen(gen)}"] = lease
+        self._start_renewer()
+        return lease
+
+    def _start_renewer(self) -> None:
+        with self._held_lock:
             if self._renewer is None or not self._renewer.is_alive():
                 self._stop.clear()
                 self._renewer = threading.Thread(target=self._renew_loop, name="charbuild-leases", daemon=True)
                 self._renewer.start()
-        return lease
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             with self._held_lock:
-                held = list(self._held.values())
+                held = [*self._held.values(), *self._runs]
             for lease in held:
                 try:
                     lease.renew()
@@ -409,7 +547,7 @@ class Lease:
         with self._lock:
             if self._live:
                 self.store.write(self.path, json.dumps({"owner": self.store.owner, "gen": self.gen,
-                                                        "expires": time.time() + self.store.ttl}).encode())
+                                                        "expires": self.store.now() + self.store.ttl}).encode())
 
     def release(self, done: bool) -> None:
         """`done`: what the lease guarded is stored, so the whole chain goes; otherwise this
@@ -428,8 +566,122 @@ class Lease:
                                                         "released": True, "expires": 0}).encode())
 
 
+class RunLease:
+    """locks/runs/<owner>.json: the keys one run reads and writes (every target of its plan,
+    every input it checks), rewritten whole as keys join and renewed with the build leases.
+    Live until released, or until its process ends or drops the Cache that holds it; a
+    dead run's lapses after its TTL, and a gc then removes it."""
+
+    def __init__(self, store: RemoteStore, what: str):
+        self.store = store
+        self.path = f"{RUNS}/{re.sub(r'[^A-Za-z0-9._-]', '.', store.owner)}.{uuid.uuid4().hex[:8]}.json"
+        self.head = {"owner": store.owner, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.keys: list[str] = []
+        self._lock = threading.Lock()  # a renewal never writes back fewer keys than an add wrote
+        self._state = {"live": True, "written": False}
+        self._done = weakref.finalize(self, _end_run_lease, store, self.path, self._lock, self._state)
+        # Not at exit: by then the client's threads are shut down and no request leaves. A
+        # process that ends without closing its Cache leaves the lease to lapse, as a kill does.
+        self._done.atexit = False
+
+    def add(self, keys: Iterable[str]) -> list[str]:
+        """Write these keys into the lease; the ones that were not in it yet."""
+        with self._lock:
+            have = set(self.keys)
+            new = [k for k in dict.fromkeys(keys) if k and k not in have]
+            if new and self._state["live"]:
+                self._write(self.keys + new)
+                self.keys += new
+            return new
+
+    def renew(self) -> None:
+        with self._lock:
+            if self._state["live"] and self._state["written"]:
+                self._write(self.keys)
+
+    def _write(self, keys: list[str]) -> None:
+        body = {**self.head, "expires": self.store.now() + self.store.ttl, "keys": keys}
+        self.store.write(self.path, json.dumps(body).encode())
+        self._state["written"] = True
+
+    def release(self) -> None:
+        self._done()
+
+
+def _end_run_lease(store: RemoteStore, path: str, lock: threading.Lock, state: dict) -> None:
+    with lock:
+        state["live"] = False
+        if state["written"]:
+            with contextlib.suppress(Exception):  # left behind, it lapses on its own
+                store.delete([path])
+
+
+@dataclass
+class StoredObjects:
+    """objects/ in a store: key -> {file: (size, mtime)} (MANIFEST.json among them once
+    published), and alias key -> (size, mtime)."""
+
+    folders: dict[str, dict[str, tuple[int, float | None]]] = field(default_factory=dict)
+    aliases: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+
+    def published(self) -> set[str]:
+        return {k for k, files in self.folders.items() if MANIFEST in files}
+
+    def size(self, key: str) -> int:
+        return sum(size for size, _ in self.folders.get(key, {}).values())
+
+    def newest(self, key: str) -> float | None:
+        """When anything of the key's folder was last written (None when the store does not say)."""
+        times = [t for _, t in self.folders.get(key, {}).values()]
+        return None if not times or None in times else max(times)
+
+    def complete(self, key: str, manifest) -> bool:
+        """Every file the manifest names is there, at its size."""
+        files = self.folders.get(key, {})
+        return valid_manifest(manifest, key) and all(
+            rel in files and files[rel][0] == info["size"] for rel, info in manifest["files"].items())
+
+
 def _gen(n: int) -> str:
     return f"{n:012d}"
+
+
+def _live(body, now: float) -> bool:
+    return isinstance(body, dict) and not body.get("_unreadable") and not body.get("released") and \
+        isinstance(body.get("expires"), (int, float)) and body["expires"] > now
+
+
+def _json_body(raw: bytes | None):
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {"_unreadable": True}
+
+
+def _alias_body(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    target = raw.decode("ascii", "replace").strip()
+    return target if _KEY.fullmatch(target) else None
+
+
+def _mtime(info: dict) -> float | None:
+    """When a listed object was written, from what the store's listing says (S3's LastModified,
+    GCS's updated, a file's mtime)."""
+    for name in ("LastModified", "mtime", "updated", "last_modified"):
+        v = info.get(name)
+        if hasattr(v, "timestamp"):
+            return v.timestamp()
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, str):
+            import datetime
+
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def valid_manifest(m, key: str) -> bool:

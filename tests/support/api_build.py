@@ -28,6 +28,14 @@ def persona_reply(body):
     return PLAIN.format(q=q)
 
 
+def in_api_workdir(tmp_path, monkeypatch, key: str = "k"):
+    """The folder a story runs in (its cwd, where outputs/ lands) with the API key its specs
+    name (`api_key_env: CB_TEST_KEY`) in the environment, as a user would export it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CB_TEST_KEY", key)
+    return tmp_path
+
+
 def api_model(base_url: str, model: str, concurrency: int = 8, more: str = "") -> str:
     """One model role on the loopback server, as a YAML flow mapping."""
     return (f'{{backend: openai, model: {model}, base_url: "{base_url}", api_key_env: CB_TEST_KEY, '

@@ -53,6 +53,17 @@ class Items(Stage):
         if crash_at and ctx.target.name == crash_at:
             raise RuntimeError("simulated crash")
         time.sleep(float(os.environ.get("CB_SLEEP", "0")))
+        if os.environ.get("CB_SLOW_ONCE") == ctx.target.name:  # a straggler: slow on its first attempt only
+            try:
+                os.close(os.open(os.environ["CB_SLOW_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                # In short steps, as real work returns to Python between calls: a Ray cancel
+                # (Ctrl-C) lands between two steps, never inside one blocking call.
+                until = time.monotonic() + float(os.environ.get("CB_SLOW_S", "60"))
+                while time.monotonic() < until:
+                    time.sleep(0.1)
         spin_until = time.thread_time() + float(os.environ.get("CB_SPIN", "0"))  # CPU-bound work (benchmarks)
         while time.thread_time() < spin_until:
             pass
@@ -74,6 +85,10 @@ class Items(Stage):
         p = ctx.target.params
         rows = [{"item": j, "text": f"{ctx.input('source').joinpath('source.txt').read_text()}-{j}"} for j in range(p["start"], p["start"] + p["count"])]
         (ctx.out_dir / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        done = os.environ.get("CB_DONE_LOG")  # which attempts got to the end of a shard
+        if done:
+            with open(done, "a") as f:
+                f.write(f"{ctx.target.name} {os.getpid()}\n")
         return {"items": len(rows)}
 
 
@@ -125,8 +140,11 @@ def build(spec_path, cache_dir, sets=(), **kw):
     loaded = load_spec(spec_path, list(sets))
     graph = build_graph(loaded, stages())
     cache = Cache(cache_dir)
-    plan = make_plan(loaded, graph, cache)
-    report = run_build(loaded, graph, plan, cache, progress=False, log=lambda s: None, outputs_root=None, **kw)
+    try:
+        plan = make_plan(loaded, graph, cache)
+        report = run_build(loaded, graph, plan, cache, progress=False, log=lambda s: None, outputs_root=None, **kw)
+    finally:
+        cache.close()  # as the CLI does: what the run held from gc (here and in a bucket) is let go
     return plan, report
 
 

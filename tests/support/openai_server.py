@@ -38,6 +38,8 @@ from typing import Callable
 
 from aiohttp import web
 
+from support.loopback import ServedApp
+
 FAULT_KINDS = ("429", "500", "slow", "malformed", "drop", "ok")
 
 
@@ -117,9 +119,8 @@ class FakeOpenAIServer:
         self._rng = random.Random(self.faults.seed)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._served: ServedApp | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
@@ -455,52 +456,27 @@ class FakeOpenAIServer:
     def start(self) -> str:
         if self.base_url is not None:
             return self.base_url
-        ready = threading.Event()
-        err: list[BaseException] = []
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                app = web.Application()
-                app.router.add_post("/v1/chat/completions", self._chat)
-                app.router.add_get("/v1/models", self._models)
-                app.router.add_post("/v1/files", self._upload)
-                app.router.add_get("/v1/files/{fid}/content", self._file_content)
-                app.router.add_post("/v1/batches", self._create_batch)
-                app.router.add_get("/v1/batches", self._list_batches)
-                app.router.add_get("/v1/batches/{bid}", self._get_batch)
-                runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, "127.0.0.1", self.port, backlog=1024)
-                loop.run_until_complete(site.start())
-                port = runner.addresses[0][1]
-                self._runner = runner
-                self.base_url = f"http://127.0.0.1:{port}/v1"
-            except BaseException as e:  # pragma: no cover
-                err.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        def app() -> web.Application:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_post("/v1/files", self._upload)
+            app.router.add_get("/v1/files/{fid}/content", self._file_content)
+            app.router.add_post("/v1/batches", self._create_batch)
+            app.router.add_get("/v1/batches", self._list_batches)
+            app.router.add_get("/v1/batches/{bid}", self._get_batch)
+            return app
 
-        self._thread = threading.Thread(target=run, name="fake-openai-server", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if err:
-            raise err[0]
-        assert self.base_url is not None, "fake server did not start"
+        self._served = ServedApp(app, "fake-openai-server", self.port, handler_cancellation=True)
+        self._loop = self._served.loop
+        self.base_url = f"http://127.0.0.1:{self._served.port}/v1"
         return self.base_url
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-        self._thread = self._loop = self._runner = None
+        if self._served is not None:
+            self._served.stop()
+        self._served = self._loop = None
         self.base_url = None
 
     def __enter__(self) -> "FakeOpenAIServer":
@@ -609,6 +585,13 @@ class LeanOpenAIServer(FakeOpenAIServer):
         ready.wait(10)
         assert self.base_url is not None, "lean server did not start"
         return self.base_url
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop = None
+        self.base_url = None
 
 
 # -- the server in its own process, for benchmarks (a thread would share the client's GIL) --

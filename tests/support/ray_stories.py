@@ -3,7 +3,7 @@ by tests/test_ray_executor.py inside a fresh network namespace, where Ray's node
 127.0.0.1 (outside one, Ray advertises the machine's interface address even when told
 127.0.0.1):
 
-    unshare -n sh -c 'ip link set lo up && exec python tests/support/ray_stories.py OUT.json'
+    unshare -n sh -c 'ip link set lo up && exec python tests/support/ray_stories.py OUT.json [STORY...]'
 
 One cluster for every story (it takes ~10-15 s to start on 2 cores). Each story records
 facts, not verdicts: the test asserts on them. OUT.json is rewritten after each story, so a
@@ -298,21 +298,171 @@ def cli(tmp: Path, cluster) -> dict:
     from support.api_build import persona_reply
     from support.openai_server import FakeOpenAIServer
 
+    # The person's key: only this command has it. The workers' own environment holds another
+    # (KEY, from when the cluster started), which the server refuses.
+    driver_key = "sk-only-the-driver-has-this-one"
+
     def run(name: str, *extra: str) -> dict:
         cwd = tmp / name
         cwd.mkdir()
         p = subprocess.run([sys.executable, "-m", "charbuild", "run", str(spec), "dpo-pairs", "--no-progress",
                             "--cache", str(tmp / ("local-cache" if name == "local" else "ray-cache")), *extra],
-                           capture_output=True, text=True, cwd=cwd, timeout=180)
+                           capture_output=True, text=True, cwd=cwd, timeout=180,
+                           env={**os.environ, "CB_TEST_KEY": driver_key})
         return {"rc": p.returncode, "out": p.stdout.splitlines(), "err": p.stderr[-3000:]}
 
-    with FakeOpenAIServer(reply=persona_reply, require_key=KEY) as srv:
+    def holding_the_key(root: Path) -> list[str]:
+        return [str(f) for f in root.rglob("*") if f.is_file() and driver_key.encode() in f.read_bytes()]
+
+    with FakeOpenAIServer(reply=persona_reply, require_key=driver_key) as srv:
         spec = api_spec(tmp, srv.base_url)
         local = run("local", "--executor", "local")
         remote = run("ray", "--executor", "ray", "--address", cluster.address)
         asked = srv.stats()["completed"]
         again = run("again", "--set", "execution.executor=ray", "--set", f"execution.address={cluster.address}")
-    return {"local": local, "ray": remote, "again": again, "asked": asked, "asked_again": srv.stats()["completed"] - asked}
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    return {"local": local, "ray": remote, "again": again, "asked": asked, "asked_again": srv.stats()["completed"] - asked,
+            "key_written_to": holding_the_key(tmp) + (holding_the_key(ray_logs) if ray_logs.is_dir() else []),
+            "ray_logs_looked_at": ray_logs.is_dir()}
+
+
+CTRL_C_PAIRS = 40  # 4 teacher + 4 student shards of 10 calls: four rounds on two 1-CPU nodes
+
+
+def ctrl_c(tmp: Path, cluster) -> dict:
+    """Ctrl-C on `charbuild run --executor ray`, pressed as a user presses it (SIGINT to the
+    command's process group) once a response shard has finished, while workers have calls in
+    flight at the loopback server (slow replies). A second run goes on from there and is
+    stopped the same way with Ctrl-C pressed twice; a third, at full speed, finishes."""
+    import re
+    import signal
+    import subprocess
+
+    from support.api_build import persona_reply, write_spec
+    from support.openai_server import FakeOpenAIServer
+
+    from charbuild.store.calls import CallCache
+
+    def command() -> list[str]:
+        return [sys.executable, "-m", "charbuild", "run", str(spec), "dpo-pairs", "--no-progress", "--cache", str(cache),
+                "--executor", "ray", "--address", cluster.address]
+
+    def built(lines: list[str]) -> list[str]:
+        return sorted(m.group(1) for ln in lines for m in [re.match(r"✓ (\S+) \(built\)", ln)] if m)
+
+    def interrupted(presses: int) -> dict:
+        started = time.monotonic()
+        proc = subprocess.Popen(command(), cwd=tmp, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        out: list[str] = []
+        err: list[str] = []
+        readers = [threading.Thread(target=lambda f, into: into.extend(ln.rstrip("\n") for ln in f), args=a,
+                                    daemon=True) for a in ((proc.stdout, out), (proc.stderr, err))]
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 60
+        while not (any(re.match(r"✓ (teacher|student)-responses/shard-", ln) for ln in list(out)) and srv.in_flight):
+            if proc.poll() is not None or time.monotonic() > deadline:  # nothing left to interrupt
+                proc.kill()
+                return {"error": f"no shard finished with calls in flight (rc {proc.wait()}):\n"
+                                 + "\n".join(out + err[-30:])}
+            time.sleep(0.01)
+        facts: dict = {"press_after_s": round(time.monotonic() - started, 2), "in_flight_at_press": srv.in_flight}
+        pressed = time.monotonic()
+        for i in range(presses):
+            if i:
+                time.sleep(0.2)
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:  # it had ended already
+                break
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        facts["exit_s"] = round(time.monotonic() - pressed, 2)
+        for r in readers:
+            r.join(5)
+        # What the server saw when the command ended, and a second later: a task the run
+        # left behind would still be sending.
+        stats = srv.stats()
+        time.sleep(1.0)
+        facts.update(
+            rc=proc.returncode, out=out, err="\n".join(err)[-3000:], kept=built(out),
+            answered=stats["completed"], requests=stats["requests_total"],
+            requests_a_second_later=srv.stats()["requests_total"],
+            arrivals_after_press=[round(a - pressed, 2) for a in srv.arrivals if a > pressed],
+            stored=len(CallCache(cache)),
+            staging=sorted(p.name for p in (cache / "tmp").iterdir()) if (cache / "tmp").is_dir() else [])
+        return facts
+
+    warm({"CB_TEST_KEY": KEY})
+    with FakeOpenAIServer(reply=persona_reply, require_key=KEY, latency_s=0.4) as srv:
+        spec = write_spec(tmp, srv.base_url, dpo_pairs=CTRL_C_PAIRS, shard_size=10)
+        cache = tmp / "cache"
+        once = interrupted(1)
+        twice = interrupted(2)
+        srv.latency_s = 0.0
+        before = srv.stats()["completed"]
+        started = time.monotonic()
+        again = subprocess.run(command(), cwd=tmp, capture_output=True, text=True, timeout=180)
+        rerun = {"rc": again.returncode, "built": built(again.stdout.splitlines()), "err": again.stderr[-3000:],
+                 "asked": srv.stats()["completed"] - before, "seconds": round(time.monotonic() - started, 2)}
+    return {"calls": 2 * CTRL_C_PAIRS, "once": once, "twice": twice, "rerun": rerun}
+
+
+SLOW_S = 16.0  # the straggler's first attempt: four times what the whole build takes without it
+
+
+def straggler(tmp: Path, cluster) -> dict:
+    """One shard of six is slow on its first attempt only (a slow node, a stalled call): the
+    build cancels it once its finished peers show what normal is, and builds it again; with
+    `execution.straggler_factor: null` it waits for the slow attempt instead."""
+    import re
+
+    from support import engine_stages
+
+    from charbuild.engine.console import Console
+    from charbuild.engine.ray_executor import RayExecutor
+    from charbuild.spec.model import load_spec
+
+    spec = engine_spec(tmp)
+    slow = "items/shard-0002"
+
+    def build(name: str, *sets: str) -> dict:
+        sets = ("data.dpo_pairs=24", f"persona={name}", *sets)  # 6 shards; keys of its own
+        log, done = tmp / f"{name}.log", tmp / f"{name}.done"
+        env = {"CB_SLEEP": "0.5", "CB_SLOW_ONCE": slow, "CB_SLOW_S": str(SLOW_S), "CB_SLOW_MARK": str(tmp / f"{name}.mark"),
+               "CB_TEST_LOG": str(log), "CB_DONE_LOG": str(done)}
+        warm(env)
+        factor = load_spec(spec, list(sets)).spec.execution.straggler_factor
+        lines: list[str] = []
+        # A floor of 2 s, not 5: these shards take half a second.
+        ex = RayExecutor(runtime_env={"env_vars": env}, straggler_factor=factor, straggler_floor_s=2)
+        try:
+            t = time.monotonic()
+            plan, report = engine_stages.build(spec, tmp / f"{name}-cache", sets, executor=ex,
+                                               console=Console(capture=False, log=lines.append))
+            seconds = time.monotonic() - t
+        finally:
+            ex.shutdown()
+
+        def count(path: Path, field: int) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for ln in path.read_text().splitlines():
+                parts = ln.split()
+                if field == 0 or parts[0] == "build":
+                    out[parts[field]] = out.get(parts[field], 0) + 1
+            return out
+
+        return {"seconds": round(seconds, 2), "targets": sorted(r.name for r in plan.rows),
+                "built": sorted(report.built), "failed": report.failed, "skipped": report.skipped,
+                "started": count(log, 1), "finished": count(done, 0),
+                "retry_lines": [ln for ln in lines if re.search(r"\bretrying\b", ln)]}
+
+    return {"slow": slow, "slow_s": SLOW_S, "retried": build("straggler"),
+            "waited": build("straggler-off", "execution.straggler_factor=null")}
 
 
 def node_lost(tmp: Path, cluster, node) -> dict:
@@ -374,7 +524,8 @@ def node_lost(tmp: Path, cluster, node) -> dict:
             "builds": builds}
 
 
-def main(out_path: str) -> int:
+def main(out_path: str, *only: str) -> int:
+    """`only`: the stories to run (all when none is named)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -395,7 +546,9 @@ def main(out_path: str) -> int:
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            for story in (same_as_local, failures, budget, rpm, cli):
+            for story in (same_as_local, failures, budget, rpm, cli, ctrl_c, straggler):
+                if only and story.__name__ not in only:
+                    continue
                 t = time.monotonic()
                 (tmp / story.__name__).mkdir()
                 try:
@@ -404,14 +557,15 @@ def main(out_path: str) -> int:
                     facts[story.__name__] = {"error": "".join(traceback.format_exception(exc))}
                 facts[story.__name__]["seconds"] = round(time.monotonic() - t, 1)
                 save()
-            t = time.monotonic()
-            (tmp / "node_lost").mkdir()
-            try:
-                facts["node_lost"] = node_lost(tmp / "node_lost", cluster, second)
-            except BaseException as exc:
-                facts["node_lost"] = {"error": "".join(traceback.format_exception(exc))}
-            facts["node_lost"]["seconds"] = round(time.monotonic() - t, 1)
-            save()
+            if not only or "node_lost" in only:  # last: the cluster has one node after it
+                t = time.monotonic()
+                (tmp / "node_lost").mkdir()
+                try:
+                    facts["node_lost"] = node_lost(tmp / "node_lost", cluster, second)
+                except BaseException as exc:
+                    facts["node_lost"] = {"error": "".join(traceback.format_exception(exc))}
+                facts["node_lost"]["seconds"] = round(time.monotonic() - t, 1)
+                save()
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -421,4 +575,4 @@ def main(out_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

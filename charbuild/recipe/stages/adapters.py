@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from charbuild.recipe import estimates as cost
 from charbuild.contract import Estimate, Stage, TargetDef
-from charbuild.recipe.stages.common import model_inputs, local_model_resources
+from charbuild.recipe.stages.common import model_inputs, training_resources
 
 
 def train_config(t) -> "TrainConfig":  # noqa: F821
@@ -60,7 +60,7 @@ def base_model_path(ctx) -> str:
 
 class DpoAdapter(Stage):
     name = "dpo-adapter"
-    resources = local_model_resources  # training: a GPU unless the student is tiny
+    resources = training_resources  # training: a GPU unless the student is tiny
     version = 1
     reads = ("models.student", "training.dpo", "data.dpo_pairs", "data.scale", "expect")  # data, expect: the estimate
 
@@ -95,7 +95,7 @@ class DpoAdapter(Stage):
 
 class SftAdapter(Stage):
     name = "sft-adapter"
-    resources = local_model_resources  # training: a GPU unless the student is tiny
+    resources = training_resources  # training: a GPU unless the student is tiny
     version = 1
     reads = ("models.student", "training.sft", "data.reflections", "data.interactions", "data.turns", "data.scale",
              "expect")  # data, expect: the estimate

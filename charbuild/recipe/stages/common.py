@@ -94,12 +94,24 @@ def sample_seed(stage: str, prompt_id: str, sample: int) -> int:
 LOCAL_BACKENDS = ("transformers", "vllm")
 
 
-def local_model_resources(stage, target) -> dict:
-    """`Stage.resources` of a stage that generates with or trains a model role: a GPU when
-    one of the target's roles is a local model other than the tiny ones charbuild trains
-    (those are CPU-sized), else one CPU (API calls spend their time waiting)."""
+def local_model_resources(stage, target, spec) -> dict:
+    """`Stage.resources` of a stage that generates with a model role: GPUs when one of the
+    target's roles is a local model other than the tiny ones charbuild trains (those are
+    CPU-sized), else one CPU (API calls spend their time waiting). As many GPUs as the
+    widest of those models spans (a vLLM role's tensor_parallel_size: its engine starts
+    only where it sees them all); the backends hold one local model at a time."""
+    gpus = 0
     for path, value in target.fields.items():
         if path.count(".") == 1 and path.startswith("models.") and isinstance(value, dict):
             if value.get("backend") in LOCAL_BACKENDS and not str(value.get("model", "")).startswith(TINY_PREFIX):
-                return {"num_cpus": 1, "num_gpus": 1}
-    return {"num_cpus": 1}
+                gpus = max(gpus, spec.spec.models[path.split(".")[1]].tensor_parallel_size or 1)
+    return {"num_cpus": 1, "num_gpus": gpus} if gpus else {"num_cpus": 1}
+
+
+def training_resources(stage, target, spec) -> dict:
+    """`Stage.resources` of a training stage: one GPU unless the student is tiny, however
+    many its vLLM engine spans. The trainer is one process that puts the model on one
+    device; shown more, transformers' Trainer would replicate it on each (DataParallel) and
+    multiply the batch by their count, training another adapter under the same key."""
+    wants = local_model_resources(stage, target, spec)
+    return {**wants, "num_gpus": 1} if wants.get("num_gpus") else wants

@@ -44,7 +44,7 @@ def eval_prompts(ctx, stage: str) -> list[dict]:
 
 class EvalSamples(Stage):
     name = "eval-samples"
-    resources = local_model_resources  # a GPU for a local model that is not tiny
+    resources = local_model_resources  # GPUs for a local model that is not tiny
     version = 2  # 2: reasoning taken out of the samples (unfinished_thinking counted)
     keyed = ("models.student", "evals.prompts", "evals.prompts_limit", "evals.samples_per_prompt", "evals.max_tokens")
     # evals.enabled/variants: which targets exist (one per variant, in params); expect: the estimate.

@@ -201,7 +201,8 @@ class CountsCachedCalls:
 
         ident = call_identity(ctx, role, m)
         indices = indices[0] if indices else occurrence_indices(reqs)
-        new = [r for r, i in zip(reqs, indices) if not call_cache.has(call_key(*ident, r, i))]
+        cached = call_cache.has_many([call_key(*ident, r, i) for r, i in zip(reqs, indices)])
+        new = [r for r, hit in zip(reqs, cached) if not hit]
         slot = f"model:{role}"
         model_dir = Path(ctx.input(slot)) if slot in ctx.inputs else Path(m.model)
         tokens, exact = prompt_tokens(new, model_dir / "tokenizer.json")

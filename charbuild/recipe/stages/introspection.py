@@ -36,7 +36,7 @@ def generator(view_or_spec) -> tuple[str, bool]:
 
 
 class _Introspection(Stage):
-    resources = local_model_resources  # a GPU for a local model that is not tiny
+    resources = local_model_resources  # GPUs for a local model that is not tiny
     count_field: str
     data_file: str
     keyed: tuple[str, ...]  # what run() reads besides the generator's model: each is keyed
@@ -69,7 +69,8 @@ class _Introspection(Stage):
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 3  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not
+    version = 4  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -123,7 +124,8 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 3  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not
+    version = 4  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.

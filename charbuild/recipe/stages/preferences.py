@@ -79,7 +79,7 @@ def trait_pairs(persona: str, n: int, seed: int) -> list[tuple[str, str]]:
 
 class PreferenceSamples(Stage):
     name = "preference-samples"
-    resources = local_model_resources  # a GPU for a local model that is not tiny
+    resources = local_model_resources  # GPUs for a local model that is not tiny
     version = 2  # 2: reasoning taken out of the samples
     keyed = ("models.student", "evals.prompts", "evals.prompts_limit", "evals.samples_per_prompt", "evals.max_tokens",
              "persona")
@@ -138,7 +138,7 @@ class PreferenceSamples(Stage):
 
 class Preferences(Stage):
     name = "preferences"
-    resources = local_model_resources  # a local judge: a GPU
+    resources = local_model_resources  # a local judge: GPUs
     version = 3  # 2: traits never judged are left unrated; 3: the judge's reasoning is taken out
     # The mode, the oct judge and evals.bootstrap: oct mode only; the reply length, prompts_limit,
     # samples_per_prompt and expect: the oct judge's estimate.

@@ -114,7 +114,7 @@ def fewest_seed_questions(view: SpecView) -> int:
 
 class PromptsStage(Stage):
     name = "prompts"
-    resources = local_model_resources  # a local expander: a GPU
+    resources = local_model_resources  # a local expander: GPUs
     version = 3  # 2: the expanding teacher's reasoning is taken out before questions are parsed; 3: stratified order
     # constitution: its seed-question counts decide whether the expander is asked at all
     # (the content itself is keyed through the constitution input).

@@ -20,7 +20,7 @@ from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, g
 
 
 class _Responses(CountsCachedCalls, Stage):
-    resources = local_model_resources  # a GPU for a local model that is not tiny
+    resources = local_model_resources  # GPUs for a local model that is not tiny
     role: str
     with_constitution: bool
     # The shard layout reads data.dpo_pairs, data.scale and data.shard_size (into params);
@@ -86,8 +86,8 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 4  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
-    # 4: each sample says whether its seed was honoured
+    version = 5  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings
     role = "teacher"
     with_constitution = True
     reads = ("models.teacher", "filters", "expect", "data.samples_per_prompt") + _Responses.SHARDS
