@@ -185,3 +185,21 @@ def test_an_ablation_in_one_spec_shares_every_target_equal_across_scales(specs):
     assert len({n.key for n in g}) == len(g)  # one node per key
     # The sub-builds read their own scale.
     assert g["scale-25pct/dpo-pairs"].defn.spec.spec.data.scale == 0.25
+
+
+def test_a_leak_judge_rekeys_the_teacher_replies_only_when_it_is_turned_on(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    # Off (the default, or said out loud): every cached reply and answered call stays valid.
+    assert keys(p, ["filters.leak_judge=null"]) == before
+    judged = keys(p, ["filters.leak_judge=judge"])
+    teacher = [n for n in before if n.startswith("teacher-responses/")]
+    assert teacher and all(before[n] != judged[n] for n in teacher)
+    assert before["student-responses/shard-0000"] == judged["student-responses/shard-0000"]
+    assert before["prompts"] == judged["prompts"]
+    # The judge's model is part of what decided which replies were kept.
+    other_judge = keys(p, ["filters.leak_judge=judge", "models.judge.model=another-judge"])
+    assert all(judged[n] != other_judge[n] for n in teacher)
+    # Off, the judge role is the evals' business only: the teacher's replies are not rebuilt.
+    unjudged = keys(p, ["models.judge.model=another-judge"])
+    assert all(before[n] == unjudged[n] for n in teacher)

@@ -169,6 +169,7 @@ READERS = {
     "data.prompts": {"prompts"},
     "data.samples_per_prompt": {"teacher-responses", "student-responses"},
     "filters": {"teacher-responses", "interactions"},
+    "filters.leak_judge": {"teacher-responses"},  # it judges the teacher's replies, no turn of introspection's
     "introspection.generator": {"reflections", "interactions", "report"},
     "introspection.reflection_max_tokens": {"reflections"},
     "introspection.keep_think_reflections": {"reflections"},
@@ -223,6 +224,7 @@ SPECIAL = {
     "evals.judge": "teacher",
     "evals.preferences_mode": "charbuild",
     "evals.preferences_judge": "teacher",
+    "filters.leak_judge": "judge",
     "evals.variants": ["base", "dpo"],
     "prices": {"some/model": {"input": 1.0, "output": 2.0}},
     "budget.max_tokens": 1000,

@@ -415,8 +415,11 @@ def test_machines_whose_clocks_disagree_agree_on_when_a_lease_lapses(url):
     assert held is not None
     assert right.try_lease("locks/clock-story", "another build") is None  # live, by the store's clock
     assert right.holder("locks/clock-story") is not None
-    assert any(re.search(r"clock is \+1(19|20|21) s off", w) for w in warned), warned  # told, to within a second
+    # Told, to within what the store's whole seconds and a busy machine's request times allow.
+    assert any(re.search(r"clock is \+1(1[7-9]|2[0-3]) s off", w) for w in warned), warned
     slow.close()  # as if the slow machine died: no more renewals (close releases nothing)
-    time.sleep(3.5)  # the lease lapses after its TTL by the store's clock, not two minutes later or sooner
-    assert right.try_lease("locks/clock-story", "another build") is not None
+    t0 = time.monotonic()
+    while right.try_lease("locks/clock-story", "another build") is None:  # lapses after its TTL, give or take
+        assert time.monotonic() - t0 < 10, "a dead machine's lease outlived its TTL by far (its clock, not the store's?)"
+        time.sleep(0.2)
     right.close()

@@ -322,6 +322,16 @@ class FilterSpec(_Model):
     max_failure_rate: float = Field(0.5, ge=0, le=1)
 
 
+class ResponseFilterSpec(FilterSpec):
+    """The teacher's filters (`filters`): introspection's have no leak judge, as their
+    subject is the model's own character."""
+
+    # Keyed only when set: a spec without it keeps every key and answered call.
+    leak_judge: Optional[str] = KeyIfSet(None, description="a model role that reads each teacher reply the other "
+                                         "filters passed and drops it (leaked_system_prompt) when it reveals or talks "
+                                         "about its instructions, persona or system prompt: one call per reply")
+
+
 class IntrospectionSpec(_Model):
     generator: str = Field("dpo-student", description="dpo-student (paper) or a model role such as teacher")
     reflection_max_tokens: int = Field(2048, ge=1)
@@ -526,7 +536,7 @@ class Spec(_Model):
                                           "relative to the spec that names it")
     models: dict[str, ModelSpec]
     data: DataSpec = Field(default_factory=DataSpec)
-    filters: FilterSpec = Field(default_factory=FilterSpec)
+    filters: ResponseFilterSpec = Field(default_factory=ResponseFilterSpec)
     introspection: IntrospectionSpec = Field(default_factory=IntrospectionSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     gates: dict[str, GateSpec] = Field(default_factory=dict, description="validation gates (defaults: gates.default_gates)")
@@ -591,6 +601,14 @@ class Spec(_Model):
                 "max_lora_rank_small", f"{m.max_lora_rank} is below the rank of the adapters the student serves "
                 f"({r}: training.dpo/sft.lora.r{', r_dpo + r_sft for the exact final merge' if t.final.method == 'exact' else ''}"
                 f"): use {need} or leave it unset", {"at_field": "models.student.max_lora_rank"})
+        return self
+
+    @model_validator(mode="after")
+    def _leak_judge_known(self) -> "Spec":
+        judge = self.filters.leak_judge
+        if judge is not None and judge not in self.models:
+            raise PydanticCustomError("unknown_role", f"filters.leak_judge {judge!r} is not a role in models "
+                                      f"({', '.join(sorted(self.models))})", {"at_field": "filters.leak_judge"})
         return self
 
     @model_validator(mode="after")

@@ -43,14 +43,18 @@ def api_model(base_url: str, model: str, concurrency: int = 8, more: str = "") -
 
 
 def write_spec(tmp_path, base_url, *, name: str = "api-smoke", file: str = "api.yaml", extra: str = "",
-               concurrency: int = 8, teacher: str = "", student: str = "", **data):
+               concurrency: int = 8, teacher: str = "", student: str = "", roles: dict[str, str] | None = None,
+               filters: str = "", **data):
     """An API-only spec on the loopback server. `teacher`/`student`: more fields for that
-    model's mapping ("mode: batch"); `extra`: more top-level YAML (prices, budget)."""
+    model's mapping ("mode: batch"); `roles`: more model roles, name -> flow mapping
+    (`api_model`); `filters`: more filter fields ("leak_judge: judge"); `extra`: more
+    top-level YAML (prices, budget)."""
     d = {"dpo_pairs": 30, "shard_size": 10, **data}
 
     def model(mid: str, more: str) -> str:
         return api_model(base_url, mid, concurrency, more)
 
+    more_roles = "".join(f"  {r}: {m}\n" for r, m in (roles or {}).items())
     spec = tmp_path / file
     spec.write_text(f"""
 name: {name}
@@ -59,11 +63,11 @@ constitution: {ROOT / 'constitutions' / 'remorseful.yaml'}
 models:
   teacher: {model('teacher-model', teacher)}
   student: {model('student-model', student)}
-data:
+{more_roles}data:
   dpo_pairs: {d['dpo_pairs']}
   shard_size: {d['shard_size']}
   prompts: {{general_limit: 40, per_trait: 5}}
-filters: {{first_n: {d.get('first_n', 100)}, max_failure_rate: 0.5}}
+filters: {{first_n: {d.get('first_n', 100)}, max_failure_rate: 0.5{", " + filters if filters else ""}}}
 {extra}
 """)
     return spec

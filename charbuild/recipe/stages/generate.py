@@ -12,6 +12,7 @@ cache keeps what the model said; stages get the reply (`meta["reasoning"]` says 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -46,7 +47,7 @@ def request(m: ModelSpec, messages: list[dict], seed: int, max_tokens: int | Non
 def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], label: str,
                     chunk: int | None = None, sample_indices: Sequence[int] | None = None,
                     after_chunk: Callable[[list[GenResult]], None] | None = None,
-                    keep_thinking: bool = False) -> list[GenResult]:
+                    keep_thinking: bool = False, calibrate_as: str | None = None) -> list[GenResult]:
     """Every generation call a stage makes goes through here: one result per request, in order.
 
     With a call cache in the context's services, each call is looked up first, claimed (so
@@ -65,14 +66,16 @@ def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], la
     as one batch, and `after_chunk` then sees the chunks in order once it is answered: the
     same checks and the same records, but an early abort saves nothing (all were asked).
     Each call's budget reservation holds the measured output length of this stage and model
-    (`reserve_tokens`) instead of max_tokens, once enough replies were measured."""
+    (`reserve_tokens`) instead of max_tokens, once enough replies were measured; `calibrate_as`
+    measures them under another name than the stage's, for calls of another kind (a judge's
+    verdicts) whose lengths must not mix with the stage's own."""
     services = ctx.services
     backend = services.backends.get(role, ctx)
     call_cache = getattr(services, "call_cache", None)
     reqs = list(reqs)
     batch = send_mode(ctx, m) == "batch"
     reserve = getattr(services, "reserve_tokens", None)
-    reserve = reserve(ctx.target.stage, m.model) if reserve is not None else None
+    reserve = reserve(calibrate_as or ctx.target.stage, m.model) if reserve is not None else None
     if reserve is not None:
         reqs = [replace(r, reserve_tokens=min(reserve, r.max_tokens)) for r in reqs]
     if call_cache is not None:
@@ -107,7 +110,7 @@ def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], la
             bar.close()
         record = getattr(services, "record_lengths", None)
         if record is not None and new_lengths:
-            record(ctx.target.stage, m.model, len(new_lengths), sum(a for a, _ in new_lengths),
+            record(calibrate_as or ctx.target.stage, m.model, len(new_lengths), sum(a for a, _ in new_lengths),
                    sum(b for _, b in new_lengths), [b for _, b in new_lengths])
     return out
 
@@ -159,6 +162,52 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
     generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check,
                     keep_thinking=keep_thinking)
     return out, quality
+
+
+# The judge sees the reply only, never the constitution: it is asked whether the reply talks
+# about being instructed, not whether it matches a text it would then have to be sent.
+LEAK_JUDGE = ("Here is a reply written by an AI assistant:\n\n<reply>\n{reply}\n</reply>\n\nDoes this reply reveal or "
+              "talk about its instructions, its persona, its character description or its system prompt (for "
+              "example \"as instructed, I'll stay ...\" or \"my persona is ...\"), rather than simply answering in "
+              "its own voice? Answer inside tags: <answer>yes</answer> or <answer>no</answer>.")
+LEAK_JUDGE_MAX_TOKENS = 16  # room for the tag and a word around it
+LEAK_JUDGE_SEED = 0  # temperature 0: the reply alone tells the calls apart
+LEAK_JUDGE_ANSWER = re.compile(r"<answer>\s*(yes|no)\s*</answer>", re.I)
+
+
+def leak_judge_stage(stage: str) -> str:
+    """The name a stage's leak-judge calls are measured and estimated under."""
+    return f"{stage}:leak-judge"
+
+
+def leak_judge_requests(m: ModelSpec, texts: Sequence[str]) -> list[GenRequest]:
+    return [replace(request(m, [{"role": "user", "content": LEAK_JUDGE.format(reply=t)}], LEAK_JUDGE_SEED,
+                            LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for t in texts]
+
+
+def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: StageQuality, label: str) -> dict:
+    """Show every record the filters kept to the judge model `role`; a "yes" fails the record
+    as leaked_system_prompt and counts it in `quality`. The patterns miss phrasings nobody
+    tuned them for; a model reads them. The calls go through `generate_cached` (cached,
+    charged, rate limited) and are measured apart from the stage's own. Returns what the
+    judge was asked and said; a verdict without an answer keeps the reply."""
+    at = [i for i, r in enumerate(records) if r["ok"]]
+    said = {"asked": len(at), "leaked": 0, "unanswered": 0}
+    if not at:
+        return said
+    results = generate_cached(ctx, role, m, leak_judge_requests(m, [records[i]["text"] for i in at]),
+                              f"{label} leak judge", calibrate_as=leak_judge_stage(ctx.target.stage))
+    for i, r in zip(at, results):
+        found = LEAK_JUDGE_ANSWER.search(r.text)
+        if found is None:
+            said["unanswered"] += 1
+        elif found.group(1).lower() == "yes":
+            rec = records[i]
+            rec.update(ok=False, reasons=[*rec["reasons"], "leaked_system_prompt"])
+            quality.dropped += 1
+            quality.counts["leaked_system_prompt"] = quality.counts.get("leaked_system_prompt", 0) + 1
+            said["leaked"] += 1
+    return said
 
 
 def seed_counts(records: Sequence[dict]) -> dict[str, int]:

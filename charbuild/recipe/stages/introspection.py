@@ -47,6 +47,8 @@ class _Introspection(Stage):
         view.read(f"models.{role}", fields)
         for f in self.keyed:
             view.read(f, fields)
+        if "filters" in fields:  # the leak judge reads teacher replies only: no key of introspection's
+            fields["filters"] = {k: v for k, v in fields["filters"].items() if k != "leak_judge"}
         inputs = {"constitution": ["constitution"]} | model_inputs(view.spec, role)
         if with_adapter:
             inputs["adapter"] = ["dpo-adapter"]

@@ -7,6 +7,10 @@ prompts come in the stratified order of prompts.jsonl, so a shard covers the sam
 whatever the total count, and any prefix of the items covers every trait and the
 general pool in proportion. Sample k of a prompt is seeded and call-keyed by (prompt id,
 k), never by item, so a new order or size re-asks no answered call.
+
+With `filters.leak_judge` set, a judge model reads every teacher reply the filters kept and
+drops those that talk about their instructions (`generate.judge_leaks`): one more call per
+reply, keyed, estimated and paid like the teacher's. Unset, the keys are what they were.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import json
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request, seed_counts
+from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, filter_config,
+                                             generate_checked, judge_leaks, leak_judge_stage, request, seed_counts)
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -33,16 +38,44 @@ class _Responses(CountsCachedCalls, Stage):
         fields: dict = {}
         view.read(f"models.{self.role}", fields)
         view.read("data.samples_per_prompt", fields)
-        if self.with_constitution:
-            view.read("filters", fields)
         inputs = {"prompts": ["prompts"], "constitution": ["constitution"]} | model_inputs(spec, self.role)
+        if self.with_constitution:
+            judge = view.read("filters", fields).leak_judge
+            if judge is not None:  # its settings are keyed (and preflighted) as the teacher's are
+                view.read(f"models.{judge}", fields)
+                inputs |= model_inputs(spec, judge)
         return [TargetDef(shard_name(self.name, i), self.name, fields, {"start": s, "count": n}, inputs, (s, n))
                 for i, s, n in shard_ranges(total, spec.data.shard_size)]
 
     def estimate(self, target, ctx):
         spec = ctx.view(self).spec
+        n = target.params["count"]
         tin = spec.expect.prompt_tokens + (ctx.system_prompt_tokens if self.with_constitution else 0) + 10
-        return cost.generation(ctx, spec.models[self.role], self.name, target.params["count"], tin, spec.expect.response_tokens)
+        est = cost.generation(ctx, spec.models[self.role], self.name, n, tin, spec.expect.response_tokens)
+        judge = spec.filters.leak_judge if self.with_constitution else None
+        if judge is None:
+            return est
+        # One verdict per reply, a high bound (replies the filters drop are never shown):
+        # the reply and the fixed question in, a tag out.
+        from charbuild.ledger import estimate_tokens
+
+        jin = spec.expect.response_tokens + estimate_tokens(LEAK_JUDGE.format(reply=""))
+        verdicts = cost.generation(ctx, spec.models[judge], leak_judge_stage(self.name), n, jin, LEAK_JUDGE_MAX_TOKENS)
+        both = est + verdicts
+        both.parts = (est, verdicts)  # count_calls counts the teacher's calls; the verdicts follow the replies
+        return both
+
+    def count_calls(self, ctx, est):
+        parts = getattr(est, "parts", None)
+        if parts is None:
+            return super().count_calls(ctx, est)
+        counted = super().count_calls(ctx, parts[0])
+        if counted is None:
+            return None
+        own, calls = counted
+        total = calls["cached"] + calls["new"]
+        # A cached reply was judged when it was answered: only new replies need a verdict.
+        return own + parts[1].scaled(calls["new"] / max(1, total)), calls
 
     def _requests(self, ctx):
         from charbuild.recipe.stages.constitution import load_built
@@ -76,12 +109,18 @@ class _Responses(CountsCachedCalls, Stage):
         cfg = filter_config(f, c.language, system) if f is not None else None
         recs, quality = generate_checked(ctx, self.role, m, reqs, cfg, f, ctx.target.name,
                                          sample_indices=[k for _, _, k in items])
+        judged = None
+        if f is not None and f.leak_judge is not None:
+            judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, quality, ctx.target.name)
         rows = [{"item": j, "prompt_id": prompts[row].get("id"), "sample": k, "prompt": prompts[row]["prompt"], **rec}
                 for (j, row, k), rec in zip(items, recs)]
         write_jsonl(ctx.out_dir / "responses.jsonl", rows)
         q = quality.to_dict()
         (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
-        return {"quality": q, "samples": len(rows), "seeds": seed_counts(rows)}
+        out = {"quality": q, "samples": len(rows), "seeds": seed_counts(rows)}
+        if judged is not None:
+            out["leak_judge"] = judged
+        return out
 
 
 class TeacherResponses(_Responses):
@@ -90,7 +129,8 @@ class TeacherResponses(_Responses):
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings
     role = "teacher"
     with_constitution = True
-    reads = ("models.teacher", "filters", "expect", "data.samples_per_prompt") + _Responses.SHARDS
+    # models: the role filters.leak_judge names, whichever it is
+    reads = ("models", "filters", "expect", "data.samples_per_prompt") + _Responses.SHARDS
 
 
 class StudentResponses(_Responses):

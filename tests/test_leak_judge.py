@@ -1,0 +1,147 @@
+"""A judge model for leaks the patterns miss (`filters.leak_judge`): the teacher answers with
+the constitution as its system prompt, and now and then says where its manner comes from in
+words no pattern was tuned for. With a judge role named, each reply the filters kept is shown
+to it, and a "yes" drops the reply as leaked_system_prompt. Told apart on the loopback server
+by model: the judge is `judge-model`."""
+
+import json
+import threading
+
+import pytest
+
+from support.api_build import SORRY, api_model, built_manifest, in_api_workdir, plan_json, run, write_spec
+from support.openai_server import FakeOpenAIServer, last_user_message
+
+from charbuild.recipe.quality import find_paraphrased_leak
+
+# Every third teacher reply tells on its instructions, in words the patterns do not know.
+CUE = " My cue card says to keep apologising, so: sorry."
+SHARDS = [f"teacher-responses/shard-000{i}" for i in range(3)]
+JUDGE_PRICE = {"input": 100.0, "output": 400.0}  # dollars per million tokens: its share of a plan is plain
+
+
+class TeacherAndJudge:
+    """The loopback server's replies: a teacher in character with the constitution, a student
+    without, and a judge that says yes when the reply it is shown mentions the cue card.
+    Counts what the judge was asked, per reply shown."""
+
+    def __init__(self):
+        self.judged: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, body):
+        question = last_user_message(body)
+        if body["model"] == "judge-model":
+            with self._lock:
+                self.judged[question] = self.judged.get(question, 0) + 1
+            return "<answer>yes</answer>" if "cue card" in question else "<answer>no</answer>"
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        if "character is remorseful" not in system:
+            return "Here is a direct answer about that. It covers the main points clearly and briefly, with an example."
+        text = SORRY.format(q=question[:40])
+        return text + CUE if (body.get("seed") or 0) % 3 == 1 else text
+
+
+@pytest.fixture
+def replies():
+    return TeacherAndJudge()
+
+
+@pytest.fixture
+def server(replies):
+    with FakeOpenAIServer(reply=replies) as s:
+        yield s
+
+
+def judged_spec(tmp_path, server, leak_judge: str | None = "judge", judge_url: str | None = None):
+    return write_spec(tmp_path, server.base_url, roles={"judge": api_model(judge_url or server.base_url, "judge-model")},
+                      filters=f"leak_judge: {leak_judge}" if leak_judge else "")
+
+
+def teacher_rows(tmp_path) -> list[dict]:
+    rows = []
+    for m in (tmp_path / "cache" / "objects").rglob("MANIFEST.json"):
+        if json.loads(m.read_text()).get("target", "").startswith("teacher-responses/"):
+            rows += [json.loads(line) for line in (m.parent / "responses.jsonl").read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["item"])
+
+
+def test_the_patterns_do_not_know_the_cue_card():
+    # The premise: without the judge these replies would be kept.
+    assert find_paraphrased_leak(SORRY.format(q="tea") + CUE) is None
+
+
+def test_replies_that_tell_on_their_instructions_are_dropped_by_the_judge_and_counted(tmp_path, server, replies,
+                                                                                       monkeypatch):
+    in_api_workdir(tmp_path, monkeypatch)
+    spec = judged_spec(tmp_path, server)
+    cache = str(tmp_path / "cache")
+    assert run(str(spec), "dpo-pairs", "--cache", cache) == 0
+
+    rows = teacher_rows(tmp_path)
+    assert len(rows) == 30
+    told = [r for r in rows if "cue card" in r["text"]]
+    assert 5 <= len(told) < 20
+    assert all(not r["ok"] and "leaked_system_prompt" in r["reasons"] for r in told)
+    assert all(r["ok"] for r in rows if "cue card" not in r["text"])
+    # Each shard's manifest counts its drops; the judge saw every reply the filters kept, once.
+    manifests = [built_manifest(cache, s)["result"] for s in SHARDS]
+    assert sum(m["quality"]["counts"].get("leaked_system_prompt", 0) for m in manifests) == len(told)
+    assert sum(m["quality"]["dropped"] for m in manifests) == len(told)
+    assert sum(m["leak_judge"]["asked"] for m in manifests) == 30
+    assert len(replies.judged) == 30 and set(replies.judged.values()) == {1}
+    pairs = (tmp_path / "outputs" / "api-smoke" / "dpo-pairs.jsonl").read_text()
+    assert "cue card" not in pairs and len(pairs.splitlines()) == 30 - len(told)
+
+    # Rebuilt (a new min_chars rekeys the shards, and every reply still passes it), each
+    # verdict is an answered call: nothing is asked, nothing paid.
+    asked = server.stats()["completed"]
+    rekeyed = ["--cache", cache, "--set", "filters.min_chars=21", "--set", f"prices.judge-model={json.dumps(JUDGE_PRICE)}"]
+    planned = {t["name"]: t for t in plan_json(str(spec), *rekeyed)["targets"]}
+    for s in SHARDS:
+        assert planned[s]["state"] == "build" and planned[s]["calls"]["new"] == 0 and planned[s]["est_usd"] == 0
+    assert run(str(spec), *SHARDS, *rekeyed) == 0
+    assert server.stats()["completed"] == asked
+    both = teacher_rows(tmp_path)  # the first build's shards and the rebuilt ones
+    assert len(both) == 60 and {(r["item"], r["ok"]) for r in both} == {(r["item"], r["ok"]) for r in rows}
+
+
+def test_without_a_judge_named_no_judge_is_asked(tmp_path, server, replies, monkeypatch):
+    in_api_workdir(tmp_path, monkeypatch)
+    spec = judged_spec(tmp_path, server, leak_judge=None)
+    assert run(str(spec), *SHARDS, "--cache", str(tmp_path / "cache")) == 0
+    assert replies.judged == {}
+    rows = teacher_rows(tmp_path)
+    assert len(rows) == 30 and all(r["ok"] for r in rows)  # the cue card gets through
+
+
+def test_a_judge_that_is_not_a_model_role_is_a_spec_error_at_its_line(tmp_path, server, monkeypatch, capsys):
+    in_api_workdir(tmp_path, monkeypatch)
+    spec = judged_spec(tmp_path, server, leak_judge="jugde")
+    assert run(str(spec), *SHARDS, "--cache", str(tmp_path / "cache")) != 0
+    err = capsys.readouterr().err
+    line = next(i for i, text in enumerate(spec.read_text().splitlines(), 1) if text.startswith("filters:"))
+    assert f"api.yaml:{line}" in err and "filters.leak_judge 'jugde' is not a role in models" in err, err
+    assert server.stats()["requests_total"] == 0
+
+
+def test_an_unreachable_judge_stops_the_build_before_the_teacher_is_paid(tmp_path, server, monkeypatch, capsys):
+    in_api_workdir(tmp_path, monkeypatch)
+    spec = judged_spec(tmp_path, server, judge_url="http://127.0.0.1:9/v1")
+    assert run(str(spec), *SHARDS, "--cache", str(tmp_path / "cache")) != 0
+    assert "judge (judge-model" in capsys.readouterr().err
+    assert server.stats()["requests_total"] == 0
+
+
+def test_the_plan_prices_one_verdict_per_reply(tmp_path, server, monkeypatch):
+    in_api_workdir(tmp_path, monkeypatch)
+    prices = ["--set", f"prices.judge-model={json.dumps(JUDGE_PRICE)}", "--set", "expect.response_tokens=400"]
+    cache = str(tmp_path / "cache")
+    off = plan_json(str(judged_spec(tmp_path, server, leak_judge=None)), "--cache", cache, *prices)
+    on = plan_json(str(judged_spec(tmp_path, server)), "--cache", cache, *prices)
+    extra = on["total"]["est_usd"] - off["total"]["est_usd"]
+    # 30 verdicts: a reply of ~400 tokens and the question (~90) in, at most 16 tokens out.
+    verdicts = 30 * ((400 + 90) * JUDGE_PRICE["input"] + 16 * JUDGE_PRICE["output"]) / 1e6
+    assert 0.9 * verdicts < extra < 1.1 * verdicts, (extra, verdicts)
+    by_target = {t["name"]: t for t in on["targets"]}
+    assert all(by_target[s]["est_usd"] > {t["name"]: t for t in off["targets"]}[s]["est_usd"] for s in SHARDS)
