@@ -303,3 +303,16 @@ def shard_ranges(total: int, size: int) -> list[tuple[int, int, int]]:
 
 def shard_name(base: str, index: int) -> str:
     return f"{base}/shard-{index:04d}"
+
+
+def shard_of(name: str) -> str | None:
+    """The target whose shard `name` is (`x/shard-0003` -> `x`), else None."""
+    head, sep, tail = name.rpartition("/shard-")
+    return head if sep and tail.isdigit() else None
+
+
+def shard_group(name: str) -> str:
+    """How a target is shown among its sibling shards (`x/shard-0003` -> `x/shard-*`); any
+    other name as it is."""
+    base = shard_of(name)
+    return name if base is None else f"{base}/shard-*"

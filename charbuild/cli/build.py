@@ -6,6 +6,8 @@ import json
 import sys
 
 from charbuild.cli.common import EXIT_BUILD, EXIT_SPEC, load, open_cache
+from charbuild.contract import shard_group, shard_of
+from charbuild.engine.interrupts import SigintHandler
 from charbuild.engine.console import si as _si
 
 
@@ -145,35 +147,19 @@ def make_executor(args, loaded, verbose: bool = False):
                        straggler_factor=ex.straggler_factor, log_to_driver=verbose, env=keys)
 
 
-class _CtrlC:
+class _CtrlC(SigintHandler):
     """SIGINT while `run` builds. The first press raises KeyboardInterrupt as usual: the build
     stops, and the calls in flight may still answer (and be stored) for a few seconds. Later
     presses never raise, since a KeyboardInterrupt in the middle of cleaning up is what
     leaves staging folders and unstored answers behind: the second drops the calls in flight
     at once, the third exits at once (the next run sweeps the staging folders it leaves)."""
 
+    only_over_default = True
+
     def __init__(self, services, executor=None):
         self.services = services
         self.executor = executor  # a remote one's tasks run elsewhere: they are told too
         self.presses = 0
-        self.previous = None
-
-    def __enter__(self) -> "_CtrlC":
-        import signal
-        import threading
-
-        # Only where Ctrl-C would raise KeyboardInterrupt: not under `nohup` (ignored) or a
-        # caller's own handler, and signal handlers can only be set from the main thread.
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self.previous = signal.signal(signal.SIGINT, self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
     def __call__(self, signum, frame) -> None:
         import os
@@ -208,8 +194,7 @@ def stage_groups(rows) -> list[list]:
     one group where the first of them stands: a paper-scale plan has hundreds of shards."""
     groups: dict[str, list] = {}
     for r in rows:
-        head, sep, tail = r.name.rpartition("/shard-")
-        groups.setdefault(head + "/shard-*" if sep and tail.isdigit() else r.name, []).append(r)
+        groups.setdefault(shard_group(r.name), []).append(r)
     return list(groups.values())
 
 
@@ -227,7 +212,7 @@ def _group_row(group: list):
     calls = None
     if any(r.calls for r in stale):
         calls = {k: sum((r.calls or {}).get(k, 0) for r in stale) for k in ("cached", "new")}
-    head = group[0].name.rpartition("/shard-")[0]
+    head = shard_of(group[0].name)
     state = "cached" if not stale else "build"
     name = f"{head}/shard-* ({len(group)} shards" + (f", {len(stale)} to build)" if stale and len(stale) < len(group)
                                                      else ")")

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from charbuild.contract import shard_group, shard_of
+
 _local = threading.local()  # .log: the open log file of the target this thread builds
 
 
@@ -64,11 +66,6 @@ def _stream_handlers() -> list[logging.StreamHandler]:
             if type(h) is logging.StreamHandler]  # not FileHandler (a subclass) nor pytest's own
 
 
-def _shard_group(name: str) -> str | None:
-    head, sep, tail = name.rpartition("/shard-")
-    return f"{head}/shard-*" if sep and tail.isdigit() else None
-
-
 def _sibling_group(name: str) -> str | None:
     """`gate/dpo-differ` -> `gate/dpo-*`, `tiny/student` -> `tiny/*`: names alike to a reader."""
     parent, sep, last = name.rpartition("/")
@@ -83,9 +80,8 @@ def groups_of(names: list[str], min_siblings: int = 2) -> dict[str, str]:
     siblings: dict[str, list[str]] = {}
     out = {}
     for n in names:
-        g = _shard_group(n)
-        if g is not None:
-            out[n] = g
+        if shard_of(n) is not None:
+            out[n] = shard_group(n)
         elif (g := _sibling_group(n)) is not None:
             siblings.setdefault(g, []).append(n)
     for g, members in siblings.items():

@@ -3,22 +3,19 @@ folded into one line so a paper-scale graph stays readable."""
 
 from __future__ import annotations
 
-import re
-
+from charbuild.contract import shard_group
 from charbuild.engine.graph import Graph
-
-_SHARD = re.compile(r"/shard-\d+$")
 
 
 def _folded(graph: Graph) -> tuple[dict[str, int], dict[str, set[str]]]:
     counts: dict[str, int] = {}
     edges: dict[str, set[str]] = {}
     for node in graph:
-        g = _SHARD.sub("/shard-*", node.name)
+        g = shard_group(node.name)
         counts[g] = counts.get(g, 0) + 1
         for ins in node.defn.inputs.values():
             for i in ins:
-                edges.setdefault(g, set()).add(_SHARD.sub("/shard-*", i))
+                edges.setdefault(g, set()).add(shard_group(i))
     return counts, edges
 
 

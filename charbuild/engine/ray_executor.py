@@ -38,6 +38,8 @@ import time
 import uuid
 from typing import Any, Callable, Hashable
 
+from charbuild.contract import shard_of
+from charbuild.engine.interrupts import SigintHandler
 from charbuild.engine.governor import Governor, SharedState
 
 # Ray's task options a stage may ask for (Stage.resources); anything else is refused early.
@@ -67,8 +69,7 @@ def task_kind(name: str, want: dict) -> Hashable:
     """Which tasks are peers, from what the engine knows without a recipe: the shards of
     one target (`x/shard-0003` -> `x`) asking for the same resources. Any other target is
     a kind of its own, so it is never compared and never retried as a straggler."""
-    head, sep, tail = name.rpartition("/shard-")
-    return (head if sep and tail.isdigit() else name, repr(sorted(want.items())))
+    return (shard_of(name) or name, repr(sorted(want.items())))
 
 
 class RayUnavailable(RuntimeError):
@@ -104,7 +105,7 @@ def _run_task(fn: Callable, env: dict, started: tuple | None, *args) -> tuple[fl
     return time.monotonic() - t0, result
 
 
-class _CancelIsCtrlC:
+class _CancelIsCtrlC(SigintHandler):
     """`ray.cancel` of the running task, read as `charbuild run` reads Ctrl-C. Ray delivers
     each cancel as SIGINT in the worker's main thread: the first raises KeyboardInterrupt,
     after telling the task's backends (`fn.interrupt`) to send nothing more, so the calls in
@@ -115,20 +116,6 @@ class _CancelIsCtrlC:
     def __init__(self, fn: Callable):
         self.fn = fn
         self.cancels = 0
-        self.previous = None
-
-    def __enter__(self) -> "_CancelIsCtrlC":
-        import signal
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
     def __call__(self, signum, frame) -> None:
         self.cancels += 1
