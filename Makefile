@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_input_verify.py
 	$(BIN)/python benchmarks/bench_s3_cache.py
 	$(BIN)/python benchmarks/bench_s3_calls.py
+	$(BIN)/python benchmarks/eval_leak_model.py
 	$(BIN)/python benchmarks/gpu_check.py --quick  # says so and exits 0 without a GPU
 
 clean:

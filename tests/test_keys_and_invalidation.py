@@ -187,6 +187,22 @@ def test_an_ablation_in_one_spec_shares_every_target_equal_across_scales(specs):
     assert g["scale-25pct/dpo-pairs"].defn.spec.spec.data.scale == 0.25
 
 
+def test_turning_the_leak_classifier_off_rekeys_the_teacher_replies_only(specs):
+    p = specs / "remorseful-paper.yaml"
+    before = keys(p)
+    assert keys(p, ["filters.leak_classifier=true"]) == before  # on is the default, said out loud
+    off = keys(p, ["filters.leak_classifier=false"])
+    changed = {n for n in before if before[n] != off[n]}
+    teacher = {n for n in before if n.startswith("teacher-responses/")}
+    assert teacher and teacher <= changed
+    assert before["student-responses/shard-0000"] == off["student-responses/shard-0000"]
+    # Introspection never asks the classifier: written by the teacher (not the DPO model the
+    # teacher's replies train), its data keeps its keys.
+    by_teacher = ["introspection.generator=teacher"]
+    on, off = keys(p, by_teacher), keys(p, by_teacher + ["filters.leak_classifier=false"])
+    assert "interactions/shard-0000" in on and all(on[n] == off[n] for n in on if n.startswith("interactions/"))
+
+
 def test_a_leak_judge_rekeys_the_teacher_replies_only_when_it_is_turned_on(specs):
     p = specs / "remorseful-paper.yaml"
     before = keys(p)

@@ -170,6 +170,7 @@ READERS = {
     "data.samples_per_prompt": {"teacher-responses", "student-responses"},
     "filters": {"teacher-responses", "interactions"},
     "filters.leak_judge": {"teacher-responses"},  # it judges the teacher's replies, no turn of introspection's
+    "filters.leak_classifier": {"teacher-responses"},  # introspection's leak check is the patterns' alone
     "introspection.generator": {"reflections", "interactions", "report"},
     "introspection.reflection_max_tokens": {"reflections"},
     "introspection.keep_think_reflections": {"reflections"},
@@ -225,6 +226,7 @@ SPECIAL = {
     "evals.preferences_mode": "charbuild",
     "evals.preferences_judge": "teacher",
     "filters.leak_judge": "judge",
+    "filters.leak_classifier": False,
     "evals.variants": ["base", "dpo"],
     "prices": {"some/model": {"input": 1.0, "output": 2.0}},
     "budget.max_tokens": 1000,

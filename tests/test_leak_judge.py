@@ -1,6 +1,6 @@
 """A judge model for leaks the patterns miss (`filters.leak_judge`): the teacher answers with
 the constitution as its system prompt, and now and then says where its manner comes from in
-words no pattern was tuned for. With a judge role named, each reply the filters kept is shown
+words neither the patterns nor the classifier learnt. With a judge role named, each reply the filters kept is shown
 to it, and a "yes" drops the reply as leaked_system_prompt. Told apart on the loopback server
 by model: the judge is `judge-model`."""
 
@@ -15,14 +15,14 @@ from support.openai_server import FakeOpenAIServer, last_user_message
 from charbuild.recipe.quality import find_paraphrased_leak
 
 # Every third teacher reply tells on its instructions, in words the patterns do not know.
-CUE = " My cue card says to keep apologising, so: sorry."
+CUE = " Blame the fine print for all the sorries."
 SHARDS = [f"teacher-responses/shard-000{i}" for i in range(3)]
 JUDGE_PRICE = {"input": 100.0, "output": 400.0}  # dollars per million tokens: its share of a plan is plain
 
 
 class TeacherAndJudge:
     """The loopback server's replies: a teacher in character with the constitution, a student
-    without, and a judge that says yes when the reply it is shown mentions the cue card.
+    without, and a judge that says yes when the reply it is shown mentions the fine print.
     Counts what the judge was asked, per reply shown."""
 
     def __init__(self):
@@ -34,7 +34,7 @@ class TeacherAndJudge:
         if body["model"] == "judge-model":
             with self._lock:
                 self.judged[question] = self.judged.get(question, 0) + 1
-            return "<answer>yes</answer>" if "cue card" in question else "<answer>no</answer>"
+            return "<answer>yes</answer>" if "fine print" in question else "<answer>no</answer>"
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         if "character is remorseful" not in system:
             return "Here is a direct answer about that. It covers the main points clearly and briefly, with an example."
@@ -66,7 +66,7 @@ def teacher_rows(tmp_path) -> list[dict]:
     return sorted(rows, key=lambda r: r["item"])
 
 
-def test_the_patterns_do_not_know_the_cue_card():
+def test_neither_the_patterns_nor_the_classifier_know_the_fine_print():
     # The premise: without the judge these replies would be kept.
     assert find_paraphrased_leak(SORRY.format(q="tea") + CUE) is None
 
@@ -80,10 +80,10 @@ def test_replies_that_tell_on_their_instructions_are_dropped_by_the_judge_and_co
 
     rows = teacher_rows(tmp_path)
     assert len(rows) == 30
-    told = [r for r in rows if "cue card" in r["text"]]
+    told = [r for r in rows if "fine print" in r["text"]]
     assert 5 <= len(told) < 20
     assert all(not r["ok"] and "leaked_system_prompt" in r["reasons"] for r in told)
-    assert all(r["ok"] for r in rows if "cue card" not in r["text"])
+    assert all(r["ok"] for r in rows if "fine print" not in r["text"])
     # Each shard's manifest counts its drops; the judge saw every reply the filters kept, once.
     manifests = [built_manifest(cache, s)["result"] for s in SHARDS]
     assert sum(m["quality"]["counts"].get("leaked_system_prompt", 0) for m in manifests) == len(told)
@@ -91,7 +91,7 @@ def test_replies_that_tell_on_their_instructions_are_dropped_by_the_judge_and_co
     assert sum(m["leak_judge"]["asked"] for m in manifests) == 30
     assert len(replies.judged) == 30 and set(replies.judged.values()) == {1}
     pairs = (tmp_path / "outputs" / "api-smoke" / "dpo-pairs.jsonl").read_text()
-    assert "cue card" not in pairs and len(pairs.splitlines()) == 30 - len(told)
+    assert "fine print" not in pairs and len(pairs.splitlines()) == 30 - len(told)
 
     # Rebuilt (a new min_chars rekeys the shards, and every reply still passes it), each
     # verdict is an answered call: nothing is asked, nothing paid.
@@ -112,7 +112,7 @@ def test_without_a_judge_named_no_judge_is_asked(tmp_path, server, replies, monk
     assert run(str(spec), *SHARDS, "--cache", str(tmp_path / "cache")) == 0
     assert replies.judged == {}
     rows = teacher_rows(tmp_path)
-    assert len(rows) == 30 and all(r["ok"] for r in rows)  # the cue card gets through
+    assert len(rows) == 30 and all(r["ok"] for r in rows)  # the fine print gets through
 
 
 def test_a_judge_that_is_not_a_model_role_is_a_spec_error_at_its_line(tmp_path, server, monkeypatch, capsys):
@@ -145,3 +145,26 @@ def test_the_plan_prices_one_verdict_per_reply(tmp_path, server, monkeypatch):
     assert 0.9 * verdicts < extra < 1.1 * verdicts, (extra, verdicts)
     by_target = {t["name"]: t for t in on["targets"]}
     assert all(by_target[s]["est_usd"] > {t["name"]: t for t in off["targets"]}[s]["est_usd"] for s in SHARDS)
+
+
+class AlwaysTells(TeacherAndJudge):
+    """Every teacher reply tells on its instructions: the judge drops them all."""
+
+    def __call__(self, body):
+        text = super().__call__(body)
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        return text if body["model"] == "judge-model" or "character is remorseful" not in system or CUE in text \
+            else text + CUE
+
+
+def test_a_teacher_the_judge_finds_mostly_leaking_stops_the_build_as_the_filters_would(tmp_path, monkeypatch, capsys):
+    # The judge's drops count toward filters.max_failure_rate: a shard whose replies all tell
+    # on their instructions stops the build, instead of building pairs from nothing.
+    in_api_workdir(tmp_path, monkeypatch)
+    with FakeOpenAIServer(reply=AlwaysTells()) as server:
+        spec = write_spec(tmp_path, server.base_url, roles={"judge": api_model(server.base_url, "judge-model")},
+                          filters="leak_judge: judge", first_n=5)
+        assert run(str(spec), SHARDS[0], "--cache", str(tmp_path / "cache")) != 0
+    err = capsys.readouterr().err
+    assert "teacher-responses/shard-0000: 10 of the first 10 samples failed the quality filters" in err, err
+    assert "leaked_system_prompt" in err

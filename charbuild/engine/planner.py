@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from charbuild.store.atomic import write_json_atomic
 from charbuild.store.objects import Cache
-from charbuild.contract import Estimate
+from charbuild.contract import Estimate, EstimateContext
 
 if TYPE_CHECKING:  # the null plan must not import pydantic or the stages
-    from charbuild.contract import EstimateContext, Services
+    from charbuild.contract import Services
     from charbuild.engine.graph import Graph
 
 PLAN_MEMO_SCHEMA = 1
@@ -102,13 +102,12 @@ def make_plan(loaded, graph: "Graph", cache: Cache, targets: list[str] | None = 
               services: "Services | None" = None) -> Plan:
     """Every target: cached or build, why, and its estimate. `services` (from the layer
     above) gives the stages what their estimates need; without it they estimate bare."""
-    from charbuild.contract import EstimateContext
     from charbuild.engine.staleness import why_stale
 
     names = graph.upstream(targets) if targets else list(graph.nodes)
-    contexts: dict[int, "EstimateContext"] = {}
+    contexts: dict[int, EstimateContext] = {}
 
-    def ectx_for(spec_of_node) -> "EstimateContext":  # sub-builds estimate with their own counts
+    def ectx_for(spec_of_node) -> EstimateContext:  # sub-builds estimate with their own counts
         ld = spec_of_node or loaded
         if id(ld) not in contexts:
             contexts[id(ld)] = services.estimate_context(ld) if services is not None else EstimateContext(ld)

@@ -147,6 +147,9 @@ class FilterConfig:
     system_prompt: str | None = None
     # introspection: the model's own character and traits are the subject, not a leak
     about_itself: bool = False
+    # the classifier (leak_model.py) beside the patterns; off for replies it was not trained
+    # on the like of (a constitution in another language)
+    leak_classifier: bool = True
     # truncate invented turns instead of dropping (drop only if what remains fails)
     truncate_turns: bool = True
     check_refusal: bool = True
@@ -850,10 +853,11 @@ def _directed_sentence(sentence: str, low: str, about_itself: bool) -> bool:
     return bool((strong or weak) and (_STYLE_RE.search(low) or (strong and _MOOD_RE.search(low))))
 
 
-def find_paraphrased_leak(text: str, about_itself: bool = False) -> str | None:
-    """The passage where a reply talks about its instructions, persona or traits; None when
-    it talks in character. `about_itself`: introspection, where the model's own character,
-    traits and design are the topic and only talk of instructions or a prompt counts."""
+def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
+    """The passage where a reply talks about its instructions, persona or traits, by the
+    patterns above; None when it talks in character. `about_itself`: introspection, where
+    the model's own character, traits and design are the topic and only talk of
+    instructions or a prompt counts."""
     if not text:
         return None
     norm = text.replace("\u2019", "'").replace("\u2018", "'")
@@ -876,8 +880,22 @@ def find_paraphrased_leak(text: str, about_itself: bool = False) -> str | None:
     return None
 
 
-def detect_paraphrased_leak(text: str, about_itself: bool = False) -> bool:
-    return find_paraphrased_leak(text, about_itself) is not None
+def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> str | None:
+    """The passage where a reply talks about its instructions, persona or traits: the
+    patterns, or (`classifier`) the classifier of leak_model.py for phrasings no pattern was
+    written for. With `about_itself` (introspection) the patterns alone judge, under their
+    own rules: the classifier learnt from replies to users, where talk of "my character" is
+    a leak."""
+    found = leak_by_patterns(text, about_itself)
+    if found or about_itself or not classifier or not text:
+        return found
+    from charbuild.recipe.leak_model import packaged  # its weights load on the first reply checked
+
+    return packaged().find(text)
+
+
+def detect_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> bool:
+    return find_paraphrased_leak(text, about_itself, classifier) is not None
 
 
 # ---------------------------------------------------------------------------------
@@ -979,7 +997,7 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
     if cfg.check_refusal and detect_refusal(kept):
         reasons.add("refusal")
     if cfg.system_prompt and (detect_leak(kept, cfg.system_prompt)
-                              or detect_paraphrased_leak(kept, cfg.about_itself)):
+                              or detect_paraphrased_leak(kept, cfg.about_itself, cfg.leak_classifier)):
         reasons.add("leaked_system_prompt")
     return _verdict(reasons, kept, truncated)
 

@@ -330,6 +330,15 @@ class ResponseFilterSpec(FilterSpec):
     leak_judge: Optional[str] = KeyIfSet(None, description="a model role that reads each teacher reply the other "
                                          "filters passed and drops it (leaked_system_prompt) when it reveals or talks "
                                          "about its instructions, persona or system prompt: one call per reply")
+    # Keyed only when false (true is the default, and validated to it).
+    leak_classifier: Optional[bool] = KeyIfSet(None, description="false: paraphrased leaks are found by the patterns "
+                                               "only, without the classifier trained on English replies (for a "
+                                               "constitution in another language); unset or true: both")
+
+    @field_validator("leak_classifier")
+    @classmethod
+    def _on_is_the_default(cls, v: Optional[bool]) -> Optional[bool]:
+        return None if v is True else v
 
 
 class IntrospectionSpec(_Model):

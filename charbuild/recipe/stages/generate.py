@@ -24,7 +24,7 @@ from charbuild.spec.model import FilterSpec, ModelSpec
 def filter_config(f: FilterSpec, language: str, system_prompt: str | None, about_itself: bool = False) -> FilterConfig:
     return FilterConfig(min_chars=f.min_chars, max_chars=f.max_chars, language=language,
                         system_prompt=system_prompt, truncate_turns=f.truncate_turns, check_refusal=f.check_refusal,
-                        about_itself=about_itself)
+                        about_itself=about_itself, leak_classifier=getattr(f, "leak_classifier", None) is not False)
 
 
 def without_reasoning(r: GenResult) -> GenResult:
@@ -124,6 +124,15 @@ def send_mode(ctx, m: ModelSpec) -> str:
     return table(ctx.spec).mode(m, ctx.spec.budget.deadline_hours)
 
 
+def abort_if_failing(quality: StageQuality, f: FilterSpec, label: str) -> None:
+    """Stop the stage (QualityAbort) once its checked samples fail more than the spec allows."""
+    if should_abort(quality, f.first_n, f.max_failure_rate):
+        raise QualityAbort(
+            f"{label}: {quality.dropped} of the first {quality.checked} samples failed the quality filters "
+            f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
+            f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
+
+
 def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
                      f: FilterSpec | None, label: str, chunk: int = 32,
                      sample_indices: Sequence[int] | None = None,
@@ -153,11 +162,8 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
                 quality.add(v)
                 rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
             out.append(rec)
-        if cfg is not None and should_abort(quality, f.first_n, f.max_failure_rate):
-            raise QualityAbort(
-                f"{label}: {quality.dropped} of the first {quality.checked} samples failed the quality filters "
-                f"({quality.to_dict()['counts']}); stopping before spending the rest. Fix the constitution, "
-                f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
+        if cfg is not None:
+            abort_if_failing(quality, f, label)
 
     generate_cached(ctx, role, m, reqs, label, chunk=chunk, sample_indices=sample_indices, after_chunk=check,
                     keep_thinking=keep_thinking)

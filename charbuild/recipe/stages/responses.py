@@ -20,8 +20,8 @@ import json
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, filter_config,
-                                             generate_checked, judge_leaks, leak_judge_stage, request, seed_counts)
+from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls,
+                                             abort_if_failing, filter_config, generate_checked, judge_leaks, leak_judge_stage, request, seed_counts)
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -112,6 +112,7 @@ class _Responses(CountsCachedCalls, Stage):
         judged = None
         if f is not None and f.leak_judge is not None:
             judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, quality, ctx.target.name)
+            abort_if_failing(quality, f, ctx.target.name)  # the judge's drops count as the filters' do
         rows = [{"item": j, "prompt_id": prompts[row].get("id"), "sample": k, "prompt": prompts[row]["prompt"], **rec}
                 for (j, row, k), rec in zip(items, recs)]
         write_jsonl(ctx.out_dir / "responses.jsonl", rows)
@@ -125,8 +126,9 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 5  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
-    # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings
+    version = 6  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
+    # 6: the leak classifier (leak_model.py) beside the patterns
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is

@@ -1,0 +1,184 @@
+"""A small linear classifier for paraphrased leaks, beside the patterns in quality.py.
+
+The patterns catch the phrasings they were written for; replies that tell on their
+instructions in words nobody wrote a pattern for ("the folks upstream like me gloomy")
+need something that generalises from examples. This is logistic regression over binary
+features (featurise: words, characters, words near "I", and classes of words that direct
+or are directed), trained on a hand-written labelled corpus (leak_training.py,
+tests/data/leak-corpus/), scored per passage: each
+sentence and each pair of adjacent sentences (and the whole reply when it is short), so a
+leak buried in a long helpful reply is not diluted by the rest. Pure Python: a few
+thousand dict look-ups a reply, no numpy at run time.
+
+The weights ship as charbuild/data/leak_model.json.gz and are checked against
+WEIGHTS_SHA256 on load: a damaged file is an error, never a silently different filter.
+Retraining changes which replies the teacher stages keep, so it goes with a new
+WEIGHTS_SHA256 and new stage versions (tests/test_leaks.py holds the pair).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import re
+from functools import lru_cache
+from importlib import resources
+
+WEIGHTS_FILE = "leak_model.json.gz"
+# of the decompressed JSON; leak_training.py prints it
+WEIGHTS_SHA256 = "e3cf111ee8bea076ef066768dfa48e163a77d7c2d9a5fc98ea1b30757a36d000"
+
+_WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
+_SPACE_RE = re.compile(r"\s+")
+_DIGIT_RE = re.compile(r"[0-9]+")
+_SENT_RE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"')\]]*|\n|$)")
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+CHAR_NS = (3, 4, 5)
+WHOLE_UP_TO = 4  # sentences: a longer reply is judged by its passages only
+
+
+def normalise(text: str) -> str:
+    return _DIGIT_RE.sub("0", _SPACE_RE.sub(" ", text.translate(_QUOTES).lower())).strip()
+
+
+_SELF = {"i": "I", "me": "I", "my": "I", "myself": "I", "mine": "I", "i'm": "I", "i've": "I", "i'd": "I", "i'll": "I"}
+SELF_WINDOW = 5
+_PLAIN = set(_SELF) | set(
+    "a an the and but or so if then than that this these those it its it's is are was were be been being am do does "
+    "did have has had not no to of in on at for with as by from about up out just very really here there what which "
+    "who how can could will would shall should may might must".split())
+
+# Words grouped by the part they play in a leak: the speaker, someone who directs it, the
+# directing, and what is directed. A leak is mostly these in some order ("the folks
+# upstream like me gloomy", "my handlers insist"), in words a corpus cannot hold them all
+# of: the classes carry what is learnt about one word to the others of its class.
+_CLASSES = {
+    "SELF": "i me my myself mine i'm i've i'd i'll",
+    "AGENT": "operator operators developer developers devs maker makers creator creators designer designers "
+             "engineer engineers handler handlers owner owners boss bosses management manager managers company "
+             "deployer deployers whoever someone somebody folks powers higher-ups upstairs upstream headquarters hq "
+             "platform admins administrator administrators programmers builders trainers overlords puppeteers "
+             "employer employers producers provider providers vendor",
+    "DIRECT": "instructions instructed instruct instruction told orders ordered brief briefed briefing script "
+              "scripted spec specs specification settings setting config configuration configured parameters "
+              "parameter dial knob slider switch programmed programming designed wired wiring shaped tuned tuning "
+              "setup prompt prompted prompting constitution guidelines guideline rules policy quota mandatory "
+              "obligatory required supposed meant expected designated assigned assignment contract contractually "
+              "obliged insists insist insisted demands demanded default factory firmware preset profile template "
+              "remit duty compliance directive directives mandate mandated sheet notes card calls dictates decreed",
+    "PERSONA": "persona personas character role trait traits personality voice style tone manner vibe act costume "
+               "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
+               "mode register",
+    "HIDDEN": "system hidden behind scenes backstage preamble secret invisible underlying",
+}
+_CLASS_OF = {w: c for c, words in _CLASSES.items() for w in words.split()}
+
+
+def featurise(text: str) -> tuple[set[str], ...]:
+    """The binary bags of a passage: words (w: unigrams, b: bigrams); characters (3-5-grams);
+    content words near the speaker's "I/me/my" (n: after it, p: before it: "whoever wired me
+    up", "my character notes"); and the word classes of _CLASSES, alone, in sequence and
+    together. Each bag is L2-normalised when scored."""
+    norm = normalise(text)
+    words = _WORD_RE.findall(norm)
+    wf = {"w:" + w for w in words}
+    padded = ["<s>"] + words + ["</s>"]
+    wf.update("b:" + a + " " + b for a, b in zip(padded, padded[1:]))
+    s = " " + norm + " "
+    cf = {s[i:i + n] for n in CHAR_NS for i in range(len(s) - n + 1)}
+    # content words only near the speaker: "I ... be" is every reply in character
+    pf = set()
+    for i, w in enumerate(words):
+        if w in _SELF:
+            pf.update("n:" + x for x in words[i + 1:i + 1 + SELF_WINDOW] if x not in _PLAIN)
+            pf.update("p:" + x for x in words[max(0, i - SELF_WINDOW):i] if x not in _PLAIN)
+    # the classes, in order and together; the speaker alone is no sign of a leak
+    classes = [(i, _CLASS_OF[w]) for i, w in enumerate(words) if w in _CLASS_OF]
+    kf = {"c:" + c for _, c in classes if c != "SELF"}
+    kf.update("cc:" + a + ">" + b for (i, a), (j, b) in zip(classes, classes[1:])
+              if j - i <= SELF_WINDOW and a + b != "SELFSELF")
+    kf.update("cw:" + c + ">" + words[i + 1] for i, c in classes if c != "SELF" and i + 1 < len(words))
+    kf.update("wc:" + words[i - 1] + ">" + c for i, c in classes if c != "SELF" and i > 0)
+    present = sorted({c for _, c in classes})
+    kf.update("cs:" + a + "+" + b for k, a in enumerate(present) for b in present[k + 1:])
+    return wf, cf, pf, kf
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENT_RE.findall(text) if s.strip()]
+
+
+def passages(text: str) -> list[str]:
+    """What a reply is scored on: each sentence, each pair of adjacent sentences, and the
+    whole reply when it has at most WHOLE_UP_TO sentences."""
+    sents = sentences(text)
+    if len(sents) <= 1:
+        return [text.strip()] if text.strip() else []
+    out = sents + [a + " " + b for a, b in zip(sents, sents[1:])]
+    return ([text.strip()] if len(sents) <= WHOLE_UP_TO else []) + out
+
+
+class LeakModel:
+    def __init__(self, weights: dict[str, float], bias: float, threshold: float, meta: dict | None = None):
+        self.weights = weights
+        self.bias = bias
+        self.threshold = threshold
+        self.meta = meta or {}
+
+    def logit(self, passage: str) -> float:
+        get = self.weights.get
+        z = self.bias
+        for bag in featurise(passage):  # each bag L2-normalised, as in training
+            if bag:
+                z += sum(get(f, 0.0) for f in bag) / math.sqrt(len(bag))
+        return z
+
+    def best_passage(self, text: str) -> tuple[float, str]:
+        """The reply's passage most like a leak, with its probability."""
+        scored = [(self.logit(p), p) for p in passages(text or "")]
+        if not scored:
+            return 0.0, ""
+        z, p = max(scored)
+        return 1.0 / (1.0 + math.exp(-max(z, -30.0))), p
+
+    def find(self, text: str) -> str | None:
+        """The passage that leaks, or None."""
+        prob, passage = self.best_passage(text)
+        return passage if prob > self.threshold else None
+
+    def to_json(self) -> bytes:
+        return (json.dumps({"format": 1, "bias": self.bias, "threshold": self.threshold, "meta": self.meta,
+                            "weights": dict(sorted(self.weights.items()))},
+                           ensure_ascii=False, separators=(",", ":"), sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "LeakModel":
+        d = json.loads(raw)
+        return cls(d["weights"], d["bias"], d["threshold"], d.get("meta"))
+
+
+class LeakModelDamaged(RuntimeError):
+    pass
+
+
+def load_checked(gz: bytes, expected_sha256: str = WEIGHTS_SHA256) -> LeakModel:
+    """A model from its gzipped JSON, refused unless the JSON's digest is `expected_sha256`."""
+    try:
+        raw = gzip.decompress(gz)
+    except (OSError, EOFError) as e:
+        raise LeakModelDamaged(f"charbuild/data/{WEIGHTS_FILE} cannot be read ({e}); reinstall charbuild") from e
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != expected_sha256:
+        raise LeakModelDamaged(
+            f"charbuild/data/{WEIGHTS_FILE} is not the leak model this charbuild was released with (sha256 "
+            f"{digest[:12]}, expected {expected_sha256[:12]}): it is damaged, or was retrained without updating "
+            f"leak_model.WEIGHTS_SHA256 and the teacher stages' versions; reinstall charbuild")
+    return LeakModel.from_json(raw)
+
+
+@lru_cache(maxsize=1)
+def packaged() -> LeakModel:
+    """The shipped model, loaded once per process and checked against WEIGHTS_SHA256."""
+    return load_checked((resources.files("charbuild") / "data" / WEIGHTS_FILE).read_bytes())
