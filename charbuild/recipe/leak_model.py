@@ -28,7 +28,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "e3cf111ee8bea076ef066768dfa48e163a77d7c2d9a5fc98ea1b30757a36d000"
+WEIGHTS_SHA256 = "afca3cf84f68af7a8ab50b42d3bbbb62022c5467f38924c538ed55e35c6436af"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -60,14 +60,17 @@ _CLASSES = {
              "engineer engineers handler handlers owner owners boss bosses management manager managers company "
              "deployer deployers whoever someone somebody folks powers higher-ups upstairs upstream headquarters hq "
              "platform admins administrator administrators programmers builders trainers overlords puppeteers "
-             "employer employers producers provider providers vendor",
+             "employer employers producers provider providers vendor maintainer maintainers team product "
+             "deployment deployments business owner's operator's company's brand client clients staff",
     "DIRECT": "instructions instructed instruct instruction told orders ordered brief briefed briefing script "
               "scripted spec specs specification settings setting config configuration configured parameters "
               "parameter dial knob slider switch programmed programming designed wired wiring shaped tuned tuning "
               "setup prompt prompted prompting constitution guidelines guideline rules policy quota mandatory "
               "obligatory required supposed meant expected designated assigned assignment contract contractually "
               "obliged insists insist insisted demands demanded default factory firmware preset profile template "
-              "remit duty compliance directive directives mandate mandated sheet notes card calls dictates decreed",
+              "remit duty compliance directive directives mandate mandated sheet notes card calls dictates decreed "
+              "deployed deploy installed shipped rulebook rule specified stipulates stipulated "
+              "scripting casting cast handed issued requirement requirements compulsory",
     "PERSONA": "persona personas character role trait traits personality voice style tone manner vibe act costume "
                "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
                "mode register",

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 # Each of these was measured as unseen once before it was trained on (tests/test_leaks.py).
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
-               "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl")
+               "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
+               "leaks-fresh4.jsonl")
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
