@@ -13,10 +13,11 @@ score low); a leaking reply is one positive instance, then -- once a first model
 not labelled, and a long helpful reply around it would otherwise drown it).
 
 The threshold is the lowest whose pooled out-of-fold false alarms, patterns OR model, stay
-at or under --max-false-alarms (4%, a point under the goal's 5%), over 5 folds drawn by each text's digest. Folds
-grouped by the set a row was written in (`--grouped`: each writer's set scored by a model
-trained on the others') are the pessimistic figure, and the sets measured as unseen
-(tests/test_leaks.py) say what a new writer's phrasings get.
+at or under --max-false-alarms (3%), over 5 folds drawn by each text's digest. 4% caught
+more but flagged plainly remorseful replies: false alarms fall on the most in-character
+replies, the ones DPO needs. Folds grouped by the set a row was written in (`--grouped`:
+each writer's set scored by a model trained on the others') are the pessimistic figure,
+and the sets measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
 every word with its leaks: "the user asked me to ...") is not trained on. Out of fold its
