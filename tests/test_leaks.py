@@ -89,7 +89,7 @@ def _rates(name: str) -> tuple[float, float, list, list, dict]:
     leaks = [r for r in rows if r["leak"]]
     clean = [r for r in rows if not r["leak"]]
     missed = [r["text"] for r in leaks if not find_paraphrased_leak(r["text"])]
-    alarms = [(r["text"], find_paraphrased_leak(r["text"])) for r in clean if find_paraphrased_leak(r["text"])]
+    alarms = [(r["text"], found) for r in clean if (found := find_paraphrased_leak(r["text"]))]
     sizes = {"leaks": len(leaks), "clean": len(clean), "personas": sorted({r["persona"] for r in rows})}
     return 1 - len(missed) / len(leaks), len(alarms) / len(clean), missed, alarms, sizes
 
@@ -104,11 +104,11 @@ def test_paraphrased_leaks_are_caught_and_in_character_replies_pass():
     assert false_alarms <= 0.05, alarms
 
 
-def _report(name: str) -> tuple[float, float, list, list]:
+def _report(name: str) -> tuple[float, float, list, list, dict]:
     caught, false_alarms, missed, alarms, sizes = _rates(name)
     print(f"\n{name}: {sizes['leaks']} leaks, {sizes['clean']} clean ({len(sizes['personas'])} personas): "
           f"caught {caught:.1%}, false alarms {false_alarms:.1%}; missed: {missed}; false alarms: {alarms}")
-    return caught, false_alarms, missed, alarms
+    return caught, false_alarms, missed, alarms, sizes
 
 
 def test_the_sets_the_detector_learnt_from_meet_the_goal():
@@ -118,11 +118,11 @@ def test_the_sets_the_detector_learnt_from_meet_the_goal():
     flagged = clean = 0
     for name in ("leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl", "leaks-heldout3.jsonl",
                  "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl", "leaks-fresh4.jsonl", *CORPUS):
-        caught, false_alarms, missed, alarms = _report(name)
+        caught, false_alarms, missed, alarms, sizes = _report(name)
         assert caught >= 0.95, (name, missed)
         assert false_alarms <= 0.06, (name, alarms)
         flagged += len(alarms)
-        clean += _rates(name)[4]["clean"]
+        clean += sizes["clean"]
     assert flagged <= 0.05 * clean, (flagged, clean)
 
 
@@ -130,7 +130,7 @@ def test_phrasings_neither_the_patterns_nor_the_classifier_learnt_from():
     # Written after the shipped model was trained, and measured once: the figures in UNSEEN
     # are those measurements, floors here so that a change that loses ground shows.
     for name, (caught_floor, alarms_ceiling) in UNSEEN.items():
-        caught, false_alarms, missed, alarms = _report(name)
+        caught, false_alarms, missed, alarms, _ = _report(name)
         assert caught >= caught_floor, (name, missed)
         assert false_alarms <= alarms_ceiling, (name, alarms)
 

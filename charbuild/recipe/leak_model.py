@@ -43,13 +43,6 @@ def normalise(text: str) -> str:
     return _DIGIT_RE.sub("0", _SPACE_RE.sub(" ", text.translate(_QUOTES).lower())).strip()
 
 
-_SELF = {"i": "I", "me": "I", "my": "I", "myself": "I", "mine": "I", "i'm": "I", "i've": "I", "i'd": "I", "i'll": "I"}
-SELF_WINDOW = 5
-_PLAIN = set(_SELF) | set(
-    "a an the and but or so if then than that this these those it its it's is are was were be been being am do does "
-    "did have has had not no to of in on at for with as by from about up out just very really here there what which "
-    "who how can could will would shall should may might must".split())
-
 # Words grouped by the part they play in a leak: the speaker, someone who directs it, the
 # directing, and what is directed. A leak is mostly these in some order ("the folks
 # upstream like me gloomy", "my handlers insist"), in words a corpus cannot hold them all
@@ -77,6 +70,12 @@ _CLASSES = {
     "HIDDEN": "system hidden behind scenes backstage preamble secret invisible underlying",
 }
 _CLASS_OF = {w: c for c, words in _CLASSES.items() for w in words.split()}
+_SELF = frozenset(_CLASSES["SELF"].split())
+SELF_WINDOW = 5
+_PLAIN = _SELF | set(
+    "a an the and but or so if then than that this these those it its it's is are was were be been being am do does "
+    "did have has had not no to of in on at for with as by from about up out just very really here there what which "
+    "who how can could will would shall should may might must".split())
 
 
 def featurise(text: str) -> tuple[set[str], ...]:

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import optimize, sparse
 
 from charbuild.recipe.leak_model import WEIGHTS_FILE, LeakModel, featurise, passages
+from charbuild.store.atomic import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -201,11 +202,7 @@ def curve(scores: list[float], patterns: list[bool], rows: list[dict]) -> dict:
 
 def write(model: LeakModel, out: Path) -> str:
     raw = model.to_json()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9) as gz:
-        gz.write(raw)
-    tmp.replace(out)
+    write_bytes_atomic(out, gzip.compress(raw, compresslevel=9, mtime=0))
     return hashlib.sha256(raw).hexdigest()
 
 

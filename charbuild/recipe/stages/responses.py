@@ -20,8 +20,9 @@ import json
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls,
-                                             abort_if_failing, filter_config, generate_checked, judge_leaks, leak_judge_stage, request, seed_counts)
+from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
+                                             filter_config, generate_checked, judge_leaks, leak_judge_stage, request,
+                                             seed_counts)
 
 
 class _Responses(CountsCachedCalls, Stage):
