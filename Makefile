@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # from pulling a multi-GB CUDA build. On a GPU machine, set TORCH_SPEC= to skip it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo rehearse bench plan-all smoke-cluster clean
+.PHONY: setup test demo rehearse bench plan-all smoke-cluster vllm-check clean
 
 setup: $(BIN)/charbuild
 
@@ -34,6 +34,17 @@ rehearse: setup
 # for the network namespace Ray's nodes share; CI runs it).
 smoke-cluster: setup
 	$(BIN)/python tests/support/cluster_smoke.py
+
+# vLLM's own request, sampling, chat-template and LoRA-loader code, run on what charbuild
+# hands it (tests/test_vllm_interop.py). The engine needs a GPU; these parts do not.
+VLLM_SITE := .vllm
+$(VLLM_SITE)/.installed: tests/vllm-requirements.txt
+	rm -rf $(VLLM_SITE)
+	$(BIN)/pip install -q --no-deps --no-compile --target $(VLLM_SITE) -r tests/vllm-requirements.txt
+	touch $@
+
+vllm-check: setup $(VLLM_SITE)/.installed
+	PYTHONPATH=$(VLLM_SITE) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_vllm_interop.py
 
 plan-all: setup
 	for s in specs/*.yaml; do $(BIN)/charbuild plan $$s > /dev/null || exit 1; echo "plan ok: $$s"; done

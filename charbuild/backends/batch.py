@@ -179,13 +179,19 @@ def _chunks(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
 
 
+def batch_line(custom_id: str, model: str, req: GenRequest) -> dict:
+    """One line of the uploaded file: the online call's body under the call key."""
+    from charbuild.backends.openai_backend import build_payload
+
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": build_payload(model, req)}
+
+
 def _send(client, journals, reqs: Mapping[str, GenRequest], reservations: dict) -> _Sent:
-    from charbuild.backends.openai_backend import build_payload, prefix_order
+    from charbuild.backends.openai_backend import prefix_order
 
     order = list(reqs)
     order = [order[i] for i in prefix_order([reqs[c] for c in order])]  # shared system prompts side by side
-    jsonl = "".join(json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
-                                "body": build_payload(client.cfg.model, reqs[c])}) + "\n" for c in order)
+    jsonl = "".join(json.dumps(batch_line(c, client.cfg.model, reqs[c])) + "\n" for c in order)
     lines = {}
     for c in order:
         r = reservations.get(c)

@@ -17,6 +17,19 @@ def chat_calls(requests: Sequence[GenRequest]) -> list[tuple[list[int], dict | N
     return [(idxs, template_kwargs(requests[idxs[0]]) or None) for idxs in groups.values()]
 
 
+def sampling_kwargs(r: GenRequest) -> dict:
+    """A request's `vllm.SamplingParams` arguments (tests/test_vllm_interop.py checks them
+    against vLLM's own class)."""
+    return dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=list(r.stop), seed=r.seed,
+                repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
+                frequency_penalty=r.frequency_penalty)
+
+
+def engine_kwargs(adapter: str | None, max_lora_rank: int, engine_kw: dict) -> dict:
+    """`vllm.LLM`'s arguments besides the model: LoRA only when an adapter is served."""
+    return dict(enable_lora=adapter is not None, max_lora_rank=max_lora_rank, **engine_kw)
+
+
 class VllmBackend:
     """The engine starts on the first `generate` (inside the pool's turn on the GPU, never
     beside a training stage) and `close` gives its GPU memory back; a closed backend starts
@@ -29,7 +42,7 @@ class VllmBackend:
         except ImportError as exc:  # pragma: no cover - only where vllm is missing
             raise BackendError("backend vllm needs the optional extra: pip install 'charbuild[vllm]' (GPU machines)") from exc
         self._model, self._adapter = model, adapter
-        self._engine_kw = dict(enable_lora=adapter is not None, max_lora_rank=max_lora_rank, **engine_kw)
+        self._engine_kw = engine_kwargs(adapter, max_lora_rank, engine_kw)
         self._llm = None
 
     def _engine(self):
@@ -45,9 +58,7 @@ class VllmBackend:
 
         llm = self._engine()
         lora = LoRARequest("adapter", 1, self._adapter) if self._adapter else None
-        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=list(r.stop),
-                                 seed=r.seed, repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
-                                 frequency_penalty=r.frequency_penalty) for r in requests]
+        params = [SamplingParams(**sampling_kwargs(r)) for r in requests]
         outs: list = [None] * len(requests)
         for idxs, kw in chat_calls(requests):
             got = llm.chat([list(requests[i].messages) for i in idxs], [params[i] for i in idxs],

@@ -43,10 +43,13 @@ def merged_rank(method: str, r_dpo: int, r_sft: int) -> int:
 
 
 def vllm_problems(config: dict) -> list[str]:
-    """What vLLM's LoRA loader refuses in an adapter_config.json (PEFT's layout is taken as saved)."""
+    """What vLLM's LoRA loader refuses in an adapter_config.json (PEFT's layout is taken as
+    saved; tests/test_vllm_interop.py holds this to vLLM's own check), and a rank no vLLM
+    engine starts with: vLLM would load it under a larger max_lora_rank, but the final
+    adapter is saved at the engine's rank, so the engine serves the saved factors as they are."""
     out = []
     if config.get("r") not in VLLM_LORA_RANKS:
-        out.append(f"rank {config.get('r')} is not one of {VLLM_LORA_RANKS}")
+        out.append(f"rank {config.get('r')} is not a max_lora_rank vLLM starts with {VLLM_LORA_RANKS}")
     if config.get("use_dora"):
         out.append("DoRA")
     if config.get("bias", "none") != "none":
