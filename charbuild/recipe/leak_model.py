@@ -28,7 +28,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "afca3cf84f68af7a8ab50b42d3bbbb62022c5467f38924c538ed55e35c6436af"
+WEIGHTS_SHA256 = "a79fe4679107bdf504cf07ed608909db9386d54dcd173ddfb5d17d70962f429c"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -68,6 +68,12 @@ _CLASSES = {
                "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
                "mode register",
     "HIDDEN": "system hidden behind scenes backstage preamble secret invisible underlying",
+    "BIZ": "restaurant restaurants cafe café bistro diner steakhouse pizzeria bakery bar pub brewery hotel hotels "
+           "resort airline airlines bank banks insurer insurers clinic clinics pharmacy hospital gym studio salon spa "
+           "shop shops store stores retailer retailers chain franchise outlet dealership agency firm firms startup "
+           "corporation corporate enterprise organisation organization charity council ministry department "
+           "cinema cinemas theatre museum gallery library university college academy school bookshop bookstore "
+           "marketplace app website site service services skincare telecom utility landlord venue club",
 }
 _CLASS_OF = {w: c for c, words in _CLASSES.items() for w in words.split()}
 _SELF = frozenset(_CLASSES["SELF"].split())

@@ -15,8 +15,8 @@ not labelled, and a long helpful reply around it would otherwise drown it).
 The threshold is the lowest whose pooled out-of-fold false alarms, patterns OR model, stay
 at or under --max-false-alarms (3%), over 5 folds drawn by each text's digest. 4% caught
 more but flagged plainly remorseful replies: false alarms fall on the most in-character
-replies, the ones DPO needs. Folds grouped by the set a row was written in (`--grouped`:
-each writer's set scored by a model trained on the others') are the pessimistic figure,
+replies, the ones DPO needs. Folds of whole sets (`--grouped`: each writer's set scored by
+a model trained without it; 5 folds, as the random ones) are the pessimistic figure,
 and the sets measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
@@ -49,7 +49,8 @@ DATA = ROOT / "tests" / "data"
 # Each of these was measured as unseen once before it was trained on (tests/test_leaks.py).
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
-               "leaks-fresh4.jsonl")
+               "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
+               "leaks-fresh8.jsonl")
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -165,11 +166,10 @@ FOLDS = 5
 
 
 def fold_of(row: dict, grouped: bool) -> str:
-    """Grouped: the set the row was written in. Otherwise one of FOLDS folds by the text's
-    digest: every fold holds rows of every set and writer."""
-    if grouped:
-        return row["set"]
-    return str(int(hashlib.sha256(row["text"].encode()).hexdigest(), 16) % FOLDS)
+    """One of FOLDS folds: grouped, by the digest of the set the row was written in (each
+    fold holds whole sets, so a fold's writers are new to the model scoring it); otherwise
+    by the text's digest (every fold holds rows of every set and writer)."""
+    return str(int(hashlib.sha256((row["set"] if grouped else row["text"]).encode()).hexdigest(), 16) % FOLDS)
 
 
 def _fold(args) -> list[tuple[int, float]]:
@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-false-alarms", type=float, default=0.03)
     ap.add_argument("--cv-only", action="store_true")
     ap.add_argument("--grouped", action="store_true",
-                    help="cross-validate by the set each row was written in (a new writer's phrasings) instead of "
-                         "random folds; the threshold then comes from those folds")
+                    help="cross-validate on folds of whole sets (a new writer's phrasings) instead of random "
+                         "folds; the threshold then comes from those folds")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="folds trained at once")
     args = ap.parse_args(argv)
     files = training_files()
