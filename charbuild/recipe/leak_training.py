@@ -13,9 +13,11 @@ score low); a leaking reply is one positive instance, then -- once a first model
 not labelled, and a long helpful reply around it would otherwise drown it).
 
 The threshold is the lowest whose pooled out-of-fold false alarms, patterns OR model, stay
-at or under --max-false-alarms (3%), over 5 folds drawn by each text's digest. 4% caught
-more but flagged plainly remorseful replies: false alarms fall on the most in-character
-replies, the ones DPO needs. Folds of whole sets (`--grouped`: each writer's set scored by
+at or under --max-false-alarms, over 5 folds drawn by each text's digest: 5%, the goal's
+limit (issue 11). It was 3% (false alarms fall on the most in-character replies, the ones
+DPO needs), which on eight sets written after the model caught 90.0% of leaks for 2.0%
+false alarms: a leak in the DPO data costs more than a dropped pair, so the budget went to
+the goal's. The plainly remorseful teacher reply of the stories still passes. Folds of whole sets (`--grouped`: each writer's set scored by
 a model trained without it; 5 folds, as the random ones) are the pessimistic figure,
 and the sets measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
 
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--l2", type=float, nargs="*", default=[1e-5])
     ap.add_argument("--min-df", type=int, default=2)
-    ap.add_argument("--max-false-alarms", type=float, default=0.03)
+    ap.add_argument("--max-false-alarms", type=float, default=0.05)
     ap.add_argument("--cv-only", action="store_true")
     ap.add_argument("--grouped", action="store_true",
                     help="cross-validate on folds of whole sets (a new writer's phrasings) instead of random "
