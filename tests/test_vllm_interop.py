@@ -146,20 +146,25 @@ def load_as_vllm_worker(adapter_dir, max_lora_rank: int, vocab_size: int):
                                            dtype=torch.float64, model_vocab_size=vocab_size, weights_mapper=mapper)
 
 
+def peft_config(**kw) -> dict:
+    """An adapter_config.json as PEFT writes it (its sets as lists)."""
+    from peft import LoraConfig
+
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in LoraConfig(**kw).to_dict().items()}
+
+
 @pytest.mark.parametrize("change", [{}, {"use_dora": True}, {"bias": "lora_only"}, {"modules_to_save": ["lm_head"]},
                                     {"r": 128, "lora_alpha": 128}, {"r": 1024, "lora_alpha": 1024}])
 def test_what_charbuild_says_vllm_refuses_in_an_adapter_is_what_vllm_refuses(change):
     """final_merge.vllm_problems judges the final adapter before any engine is started with
     it, at the largest max_lora_rank vLLM starts with where the adapter needs more."""
-    from peft import LoraConfig
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
     from charbuild.recipe.final_merge import vllm_problems
     from charbuild.spec.model import VLLM_LORA_RANKS
 
-    cfg = {**LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]).to_dict(), **change}
-    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    cfg = {**peft_config(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]), **change}
     engine = LoRAConfig(max_lora_rank=min([r for r in VLLM_LORA_RANKS if r >= cfg["r"]] or [max(VLLM_LORA_RANKS)]))
     try:
         PEFTHelper.from_dict({**cfg, "vllm_max_position_embeddings": 4096}).validate_legal(engine)
@@ -172,14 +177,12 @@ def test_what_charbuild_says_vllm_refuses_in_an_adapter_is_what_vllm_refuses(cha
 def test_vllm_would_load_a_rank_no_engine_starts_with_and_charbuild_pads_it_anyway():
     """vLLM takes any rank up to max_lora_rank; charbuild saves the final adapter at the
     engine's rank all the same (zero factors), so what is served is what was saved."""
-    from peft import LoraConfig
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
     from charbuild.recipe.final_merge import vllm_problems
 
-    cfg = {k: sorted(v) if isinstance(v, set) else v
-           for k, v in LoraConfig(r=24, lora_alpha=24, target_modules=["q_proj"]).to_dict().items()}
+    cfg = peft_config(r=24, lora_alpha=24, target_modules=["q_proj"])
     PEFTHelper.from_dict({**cfg, "vllm_max_position_embeddings": 4096}).validate_legal(LoRAConfig(max_lora_rank=32))
     assert vllm_problems(cfg) == ["rank 24 is not a max_lora_rank vLLM starts with (1, 8, 16, 32, 64, 128, 256, 320, 512)"]
 
