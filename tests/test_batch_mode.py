@@ -20,6 +20,7 @@ import pytest
 
 from support.api_build import built_manifest, in_api_workdir, persona_reply, plan_json
 from support.api_build import write_spec as api_spec
+from support.keyboard import interruptible
 from support.openai_server import BatchFaults, FakeOpenAIServer
 from support.s3_fixtures import prefix_of, s3  # noqa: F401  (s3: a fixture)
 
@@ -151,7 +152,8 @@ def test_ctrl_c_while_a_batch_runs_ends_the_run_at_once_and_the_next_run_collect
         spec = write_spec(env, srv.base_url)
         cmd = [sys.executable, "-m", "charbuild", "run", str(spec), "teacher-responses/shard-0000",
                "teacher-responses/shard-0001", "--cache", str(cache), "--no-progress", "--jobs", str(jobs)]
-        p = subprocess.Popen(cmd, cwd=env, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(cmd, cwd=env, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)
         deadline = time.monotonic() + 60
         while not (srv.batches_created and srv.batch_polls[srv.batches_created[0]] >= 2):
             assert p.poll() is None, p.communicate()[1][-3000:]

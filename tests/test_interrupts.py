@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from support.api_build import persona_reply, write_spec
+from support.keyboard import interruptible
 from support.openai_server import FakeOpenAIServer
 
 from charbuild.backends.base import GenRequest, Interrupted
@@ -46,7 +47,8 @@ def charbuild_run(tmp_path: Path, spec: Path, jobs: int) -> subprocess.Popen:
     env = {**os.environ, "CB_TEST_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "charbuild", "run", str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache"),
            "--no-progress", "--jobs", str(jobs)]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

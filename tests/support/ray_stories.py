@@ -351,9 +351,12 @@ def ctrl_c(tmp: Path, cluster) -> dict:
         return sorted(m.group(1) for ln in lines for m in [re.match(r"✓ (\S+) \(built\)", ln)] if m)
 
     def interrupted(presses: int) -> dict:
+        from support.keyboard import interruptible
+
         started = time.monotonic()
         proc = subprocess.Popen(command(), cwd=tmp, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=interruptible)
         out: list[str] = []
         err: list[str] = []
         readers = [threading.Thread(target=lambda f, into: into.extend(ln.rstrip("\n") for ln in f), args=a,
