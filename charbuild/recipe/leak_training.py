@@ -17,9 +17,11 @@ at or under --max-false-alarms, over 5 folds drawn by each text's digest: 5%, th
 limit (issue 11). It was 3% (false alarms fall on the most in-character replies, the ones
 DPO needs), which on eight sets written after the model caught 90.0% of leaks for 2.0%
 false alarms: a leak in the DPO data costs more than a dropped pair, so the budget went to
-the goal's. The plainly remorseful teacher reply of the stories still passes. Folds of whole sets (`--grouped`: each writer's set scored by
-a model trained without it; 5 folds, as the random ones) are the pessimistic figure,
-and the sets measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
+the goal's. The plainly remorseful teacher reply of the stories still passes.
+
+Folds of whole sets (`--grouped`: each writer's set scored by a model trained without it;
+5 folds, as the random ones) are the pessimistic figure, and the sets measured as unseen
+(tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
 every word with its leaks: "the user asked me to ...") is not trained on. Out of fold its
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
         scores = cross_validate(rows, l2, args.min_df, args.jobs, args.grouped)
         t = threshold_for(scores, patterns, rows, args.max_false_alarms)
         results[l2] = (t, scores, rates(scores, patterns, rows, t))
-        how = "by set" if args.grouped else "random folds"
+        how = "folds of whole sets" if args.grouped else "random folds"
         print(f"l2={l2:g}: cross-validated ({how}), patterns OR model, threshold {t:.4f}: {results[l2][2]}; "
               f"caught at a false alarm rate of: all sets {curve(scores, patterns, rows)}, the corpus' sets "
               f"{curve(*([x[i] for i in fresh] for x in (scores, patterns, rows)))}", flush=True)
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
     model.threshold = round(t, 4)
     model.meta = {"trained_on": [str(p.relative_to(DATA)) for p in files], "rows": len(rows), "l2": best,
                   "min_df": args.min_df, "max_false_alarms": args.max_false_alarms,
-                  "cv": {"folds": "by set" if args.grouped else f"{FOLDS} by text digest", **cv, "per_set": per_set}}
+                  "cv": {"folds": f"{FOLDS} of whole sets" if args.grouped else f"{FOLDS} by text digest", **cv,
+                         "per_set": per_set}}
     digest = write(model, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, {len(model.weights)} weights); "
           f"WEIGHTS_SHA256 = {digest!r}")
