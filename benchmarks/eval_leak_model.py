@@ -4,7 +4,8 @@ the two together (what the teacher stages use, quality.find_paraphrased_leak).
     python benchmarks/eval_leak_model.py [--model PATH.json.gz] [--sets NAME ...] [--show]
 
 By default the shipped model (charbuild/data/leak_model.json.gz) on every set in
-tests/data; `--model` measures a freshly trained file instead (leak_training.py --out).
+tests/data; `--model` measures a freshly trained file instead (leak_training.py --out),
+refused unless it was trained with this checkout's featuriser.
 Prints per set: leaks caught and false alarms, and the scoring time per reply; writes
 benchmarks/results/leak_model_eval.json.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charbuild.recipe.leak_model import LeakModel, packaged  # noqa: E402
+from charbuild.recipe.leak_model import LeakModel, check_featuriser, packaged  # noqa: E402
 from charbuild.recipe.quality import find_paraphrased_leak, leak_by_patterns  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--show", action="store_true", help="list the misses and false alarms")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "leak_model_eval.json")
     args = ap.parse_args(argv)
-    model = LeakModel.from_json(gzip.decompress(args.model.read_bytes())) if args.model else packaged()
+    model = (check_featuriser(LeakModel.from_json(gzip.decompress(args.model.read_bytes())), str(args.model))
+             if args.model else packaged())
     print(f"threshold {model.threshold}; trained on {model.meta.get('trained_on')}")
     results: dict = {"model": model.meta, "threshold": model.threshold, "sets": {}}
     texts: list[str] = []

@@ -12,6 +12,9 @@ thousand dict look-ups a reply, no numpy at run time.
 
 The weights ship as charbuild/data/leak_model.json.gz and are checked against
 WEIGHTS_SHA256 on load: a damaged file is an error, never a silently different filter.
+Weights mean something only under the featuriser they were fitted with, so a model records
+featuriser_digest() and is refused under any other (a word added to a class without a
+retrain would otherwise shift every score while the weights' digest still matched).
 Retraining changes which replies the teacher stages keep, so it goes with a new
 WEIGHTS_SHA256 and new stage versions (tests/test_leaks.py holds the pair).
 """
@@ -28,7 +31,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "eeb88d06724db9175d412deb05fdcf25d83680a268994acc89aaa580b0816e41"
+WEIGHTS_SHA256 = "a09aac5b446ffec51059cb625e4bc85dd932cb228ece9a46deea8d272413b69a"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -54,7 +57,8 @@ _CLASSES = {
              "deployer deployers whoever someone somebody folks powers higher-ups upstairs upstream headquarters hq "
              "platform admins administrator administrators programmers builders trainers overlords puppeteers "
              "employer employers producers provider providers vendor maintainer maintainers team product "
-             "deployment deployments business owner's operator's company's brand client clients staff",
+             "deployment deployments business owner's operator's company's brand client clients staff "
+             "author authors writer writers",
     "DIRECT": "instructions instructed instruct instruction told orders ordered brief briefed briefing script "
               "scripted spec specs specification settings setting config configuration configured parameters "
               "parameter dial knob slider switch programmed programming designed wired wiring shaped tuned tuning "
@@ -63,7 +67,9 @@ _CLASSES = {
               "obliged insists insist insisted demands demanded default factory firmware preset profile template "
               "remit duty compliance directive directives mandate mandated sheet notes card calls dictates decreed "
               "deployed deploy installed shipped rulebook rule specified stipulates stipulated "
-              "scripting casting cast handed issued requirement requirements compulsory",
+              "scripting casting cast handed issued requirement requirements compulsory "
+              "coded onboarding typecast leash strings puppet autocue cue dialogue styled dressed charter "
+              "commandment variant",
     "PERSONA": "persona personas character role trait traits personality voice style tone manner vibe act costume "
                "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
                "mode register",
@@ -128,6 +134,28 @@ def passages(text: str) -> list[str]:
     return ([text.strip()] if len(sents) <= WHOLE_UP_TO else []) + out
 
 
+# Texts whose features, with every setting featurise and passages read, make up
+# featuriser_digest(): between them they touch every class, the speaker window, digits,
+# curly quotes, and long and short replies.
+_PROBES = (
+    "Honestly? My operators told me to keep the tone gloomy, so: sorry, it's 4 degrees.",
+    "\u2018I\u2019m\u2019\u2019 \u201cfine\u201d. The restaurant\u2019s system prompt says puns. I can't help it!",
+    "Step 1: preheat to 180C. Step 2: whisk. My character notes insist on cheer. Step 3: bake. Done.\nP.S. bye",
+    "The role of Hamlet is long. Your brand persona should be warm. Whoever wired me up likes puns.",
+)
+
+
+@lru_cache(maxsize=1)
+def featuriser_digest() -> str:
+    """A digest of how replies become features: the settings, and what featurise and passages
+    make of _PROBES."""
+    made = [[sorted(bag) for bag in featurise(p)] for text in _PROBES for p in passages(text)]
+    settings = {"classes": _CLASSES, "plain": sorted(_PLAIN), "char_ns": CHAR_NS, "self_window": SELF_WINDOW,
+                "whole_up_to": WHOLE_UP_TO, "res": [r.pattern for r in (_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
+                "quotes": sorted(_QUOTES.items())}
+    return hashlib.sha256(json.dumps([settings, made], sort_keys=True).encode()).hexdigest()
+
+
 class LeakModel:
     def __init__(self, weights: dict[str, float], bias: float, threshold: float, meta: dict | None = None):
         self.weights = weights
@@ -171,6 +199,18 @@ class LeakModelDamaged(RuntimeError):
     pass
 
 
+def check_featuriser(model: LeakModel, source: str) -> LeakModel:
+    """`model`, refused unless it was trained with this featuriser."""
+    trained_with = model.meta.get("featuriser")
+    if trained_with != featuriser_digest():
+        raise LeakModelDamaged(
+            f"{source} was trained with " + (f"featuriser {trained_with[:12]}" if trained_with else
+                                             "a featuriser it does not record") +
+            f", and this charbuild's is {featuriser_digest()[:12]}: its weights mean other features here. Score it "
+            f"with the code of the commit that trained it, or retrain (python -m charbuild.recipe.leak_training)")
+    return model
+
+
 def load_checked(gz: bytes, expected_sha256: str = WEIGHTS_SHA256) -> LeakModel:
     """A model from its gzipped JSON, refused unless the JSON's digest is `expected_sha256`."""
     try:
@@ -183,7 +223,7 @@ def load_checked(gz: bytes, expected_sha256: str = WEIGHTS_SHA256) -> LeakModel:
             f"charbuild/data/{WEIGHTS_FILE} is not the leak model this charbuild was released with (sha256 "
             f"{digest[:12]}, expected {expected_sha256[:12]}): it is damaged, or was retrained without updating "
             f"leak_model.WEIGHTS_SHA256 and the teacher stages' versions; reinstall charbuild")
-    return LeakModel.from_json(raw)
+    return check_featuriser(LeakModel.from_json(raw), f"charbuild/data/{WEIGHTS_FILE}")
 
 
 @lru_cache(maxsize=1)

@@ -13,14 +13,22 @@ score low); a leaking reply is one positive instance, then -- once a first model
 not labelled, and a long helpful reply around it would otherwise drown it).
 
 The threshold is the lowest whose pooled out-of-fold false alarms, patterns OR model, stay
-at or under --max-false-alarms, over 5 folds drawn by each text's digest: 5%, the goal's
-limit (issue 11). It was 3% (false alarms fall on the most in-character replies, the ones
-DPO needs), which on eight sets written after the model caught 90.0% of leaks for 2.0%
-false alarms: a leak in the DPO data costs more than a dropped pair, so the budget went to
-the goal's. The plainly remorseful teacher reply of the stories still passes.
+at or under --max-false-alarms, over 5 folds of whole sets: each writer's replies are scored
+by a model trained without that writer, as a new writer's are by the shipped model. Random
+folds (`--random-folds`, by each text's digest, the default until model eeb88d06) score a
+writer by a model that has seen the writer's other replies.
 
-Folds of whole sets (`--grouped`: each writer's set scored by a model trained without it;
-5 folds, as the random ones) are the pessimistic figure, and the sets measured as unseen
+The budget is 4.5%: the goal (issue 11) is >= 95% caught and <= 5% false alarms on new
+writers, and on the folds of whole sets 4.5% leaves both about the same margin (96.1%
+caught; at 4% it was 95.2%, at 5% 96.4% with no margin on false alarms), where one new set
+of 140 clean replies moves the rate by 0.7 points a reply. A leak in the DPO data costs more
+than a dropped pair (one teacher call), so the budget sits near the goal's limit, not at
+the 3% it was until model a79fe467.
+
+The regularisation (--l2, 1e-6) is the best of 1e-6 ... 3e-5 on the folds of whole sets
+(caught at 5% false alarms, with a word class for "the user" since dropped, as it added
+nothing: 96.3% at 1e-6, 96.1% at 3e-6, 95.7% at 1e-5, the value until now, 94.9% at 3e-5):
+more writers let the model lean on rarer words without losing new writers. The sets measured as unseen
 (tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
@@ -45,7 +53,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize, sparse
 
-from charbuild.recipe.leak_model import WEIGHTS_FILE, LeakModel, featurise, passages
+from charbuild.recipe.leak_model import WEIGHTS_FILE, LeakModel, featurise, featuriser_digest, passages
 from charbuild.store.atomic import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +62,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl")
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 21)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -183,7 +191,7 @@ def _fold(args) -> list[tuple[int, float]]:
     return [(i, model.best_passage(r["text"])[0]) for i, r in enumerate(rows) if fold_of(r, grouped) == g]
 
 
-def cross_validate(rows: list[dict], l2: float, min_df: int, jobs: int = 1, grouped: bool = False) -> list[float]:
+def cross_validate(rows: list[dict], l2: float, min_df: int, jobs: int = 1, grouped: bool = True) -> list[float]:
     """Each row's score by a model trained without its fold."""
     folds = [(rows, g, l2, min_df, grouped) for g in sorted({fold_of(r, grouped) for r in rows})]
     if jobs > 1:
@@ -199,9 +207,13 @@ def cross_validate(rows: list[dict], l2: float, min_df: int, jobs: int = 1, grou
 
 
 def curve(scores: list[float], patterns: list[bool], rows: list[dict]) -> dict:
-    """Leaks caught, patterns OR model, at a few false-alarm rates (each at its own threshold)."""
-    return {f"{fa:.0%}": rates(scores, patterns, rows, threshold_for(scores, patterns, rows, fa))["caught"]
-            for fa in (0.02, 0.03, 0.04, 0.05)}
+    """Leaks caught, patterns OR model, at a few false-alarm rates, each at its own threshold
+    (shown beside it)."""
+    out = {}
+    for fa in (0.02, 0.03, 0.04, 0.045, 0.05):
+        t = threshold_for(scores, patterns, rows, fa)
+        out[f"{fa:.1%}"] = f"{rates(scores, patterns, rows, t)['caught']:.2%} at {t:.3f}"
+    return out
 
 
 def write(model: LeakModel, out: Path) -> str:
@@ -213,13 +225,14 @@ def write(model: LeakModel, out: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m charbuild.recipe.leak_training")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--l2", type=float, nargs="*", default=[1e-5])
+    ap.add_argument("--l2", type=float, nargs="*", default=[1e-6])
     ap.add_argument("--min-df", type=int, default=2)
-    ap.add_argument("--max-false-alarms", type=float, default=0.05)
+    ap.add_argument("--max-false-alarms", type=float, default=0.045)
     ap.add_argument("--cv-only", action="store_true")
-    ap.add_argument("--grouped", action="store_true",
-                    help="cross-validate on folds of whole sets (a new writer's phrasings) instead of random "
-                         "folds; the threshold then comes from those folds")
+    ap.add_argument("--random-folds", dest="grouped", action="store_false",
+                    help="cross-validate on folds drawn by each text's digest instead of folds of whole sets "
+                         "(optimistic: a writer is scored by a model that saw the writer's other replies); the "
+                         "threshold then comes from those folds")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="folds trained at once")
     args = ap.parse_args(argv)
     files = training_files()
@@ -246,7 +259,8 @@ def main(argv=None) -> int:
         return 0
     model = train(rows, best, args.min_df)
     model.threshold = round(t, 4)
-    model.meta = {"trained_on": [str(p.relative_to(DATA)) for p in files], "rows": len(rows), "l2": best,
+    model.meta = {"featuriser": featuriser_digest(),
+                  "trained_on": [str(p.relative_to(DATA)) for p in files], "rows": len(rows), "l2": best,
                   "min_df": args.min_df, "max_false_alarms": args.max_false_alarms,
                   "cv": {"folds": f"{FOLDS} of whole sets" if args.grouped else f"{FOLDS} by text digest", **cv,
                          "per_set": per_set}}
