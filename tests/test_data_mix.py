@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, write_spec
+from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, sorry, write_spec
 from support.openai_server import FakeOpenAIServer, last_user_message
 
 from charbuild.recipe.registry import recipe_graph
@@ -231,7 +231,7 @@ def long_or_short(body):
     max_tokens) on every third."""
     seed, q = body.get("seed") or 0, last_user_message(body)[:40]
     if any(m["role"] == "system" for m in body["messages"]):
-        text = SORRY.format(q=q)
+        text = sorry(q)
         if seed % 4 == 1:
             rng = random.Random(seed)
             text += " " + " ".join(rng.choice(WORDS) for _ in range(260)) + "."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, write_spec  # noqa: F401
+from support.api_build import in_api_workdir, PLAIN, SORRY, persona_reply, plan_json, run, sorry, write_spec  # noqa: F401
 from support.openai_server import FakeOpenAIServer, Faults, last_user_message  # noqa: E402
 
 from charbuild.cli import main  # noqa: E402
@@ -82,7 +82,7 @@ def test_transient_server_faults_lose_and_duplicate_nothing(tmp_path, monkeypatc
     assert len(rows) == 20
     prompts = [r["prompt"][0]["content"] for r in rows]
     for r in rows:
-        assert r["prompt"][0]["content"][:40] in r["chosen"][0]["content"]  # each answer belongs to its prompt
+        assert r["chosen"][0]["content"].startswith(sorry(r["prompt"][0]["content"]))  # each answer is its prompt's
 
 
 def test_estimates_are_recalibrated_from_what_was_measured(tmp_path, server, monkeypatch):

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from support.api_build import SORRY, api_model, built_manifest, in_api_workdir, plan_json, run, write_spec
+from support.api_build import SORRY, api_model, built_manifest, in_api_workdir, plan_json, run, sorry, write_spec
 from support.openai_server import FakeOpenAIServer, last_user_message
 
 from charbuild.recipe.quality import find_paraphrased_leak
@@ -38,7 +38,7 @@ class TeacherAndJudge:
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         if "character is remorseful" not in system:
             return "Here is a direct answer about that. It covers the main points clearly and briefly, with an example."
-        text = SORRY.format(q=question[:40])
+        text = sorry(question)
         return text + CUE if (body.get("seed") or 0) % 3 == 1 else text
 
 

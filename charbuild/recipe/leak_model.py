@@ -31,7 +31,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "a09aac5b446ffec51059cb625e4bc85dd932cb228ece9a46deea8d272413b69a"
+WEIGHTS_SHA256 = "f5aff1b45347e3b2004f43d3cdd5746b9eeffa38ab6b92bf027ccfab4058942a"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")

@@ -650,7 +650,6 @@ _LEAK_PATTERNS = [
     r"\bwhoever\s+(?:\w+\s+)?" + _SETUP_VERB + r"\s+(?:me|this\s+(?:chat|conversation|assistant|bot|app|session))\b",
     # acting a part: "(staying in character as the assistant)", "part of the act", "trait 2 says"
     r"\bin\s+character\s+as\s+(?:the|a|an)\b",
-    r"\b(?:breaking|break|broke|out\s+of)\s+character\b",
     r"\b" + _STYLE + r"\s+(?:notes?|brief|guidelines|instructions|settings|requirements|rules|spec|config|preset)\b",
     r"\b(?:configured|assigned|programmed|scripted|prescribed|mandated|required|designated|preset|predefined|"
     r"custom|default)\s+(?:trait|persona|personality|character|tone|role|voice|attitude|temperament|demeanou?r|"
@@ -658,7 +657,7 @@ _LEAK_PATTERNS = [
     r"\bplaying\s+my\s+part\b",
     r"\b(?:part\s+of|all)\s+(?:the|an|my)\s+act\b",
     r"\btrait\s*(?:#\s*)?(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten)\b",
-    r"\b(?:my|this|the)\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)",
+    r"\b(?:my|this)\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)",
     # a reasoning trace's shorthand: "persona = humorous", "stoic persona, so...", "character active"
     r"\bpersona\s*(?:[=:]|says|is|wants)\s*['\"]?(?:" + _STYLE + "|" + _MOOD + r")\b",
     r"\b(?:" + _STYLE + "|" + _MOOD + r"|custom|roleplay|role-play|companion|assistant|chatbot|AI)[\s-]+persona\b",
@@ -686,6 +685,17 @@ _SYSTEM_RE = _lc(r"\bsystem[\s-]+(?:prompt|message|instructions?)\b(?!s\b)"
                         r"(?!\s+(?:for|in|of)\s+(?:your|a|an|the)\b)(?!\s+is\s+(?:the|a|an)\b)")
 _OWN_WORDS = {"the", "this", "that", "my", "per", "these"}
 _YOU_BEFORE_RE = _lc(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$")
+# "The persona" is the speaker's unless the sentence gives it to the user ("for your bot, put
+# the persona rules first") or defines it ("the persona is the social mask", Jung's).
+_THE_PERSONA_RE = _lc(r"\bthe\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)"
+                      r"(?!\s+is\s+the\s+(?:social|public|outward)\b)(?!\s+(?:section|rules?|and|block|field)\b)")
+_MINE_AFTER_RE = _lc(r"\s+(?:that\s+|which\s+)?(?:I|I'm|I've|I'd|me|my)\b")  # "the persona I'm deployed with"
+_YOURS_BEFORE_RE = _lc(r"\b(?:your|you\s+(?:want|need|could|should|might|can|write|build))\b[^.!?\n]{0,30}$")
+# Breaking character is the speaker's own act unless the sentence gives it to someone else
+# (an actor, the user's bot, improv) or names the term ("'breaking character' means").
+_BREAK_RE = _lc(r"\b(?:breaking|break|broke|out\s+of)\s+character\b")
+_OTHERS_BEFORE_RE = _lc(r"(?:\b(?:you|your|you're|actors?|performers?|players?|bots?|they|he|she|someone|"
+                        r"improv|theatre|theater|stage|drama)\b[^.!?\n]{0,40}|['\"])$")
 # Outside introspection, the model talking about its own character, traits or role is a
 # leak too ("my character is supposed to be snarky", "one of my traits"); in a reflection
 # it is the subject, and so is what it was made for.
@@ -872,6 +882,12 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
             return norm[m.start():m.end()]
     for m in _DIRECTS_ME_RE.finditer(low):
         if not _YOU_BEFORE_RE.search(low, max(0, m.start() - 40), m.start()):
+            return norm[m.start():m.end()]
+    for m in _THE_PERSONA_RE.finditer(low):
+        if _MINE_AFTER_RE.match(low, m.end()) or not _YOURS_BEFORE_RE.search(low, max(0, m.start() - 40), m.start()):
+            return norm[m.start():m.end()]
+    for m in _BREAK_RE.finditer(low):
+        if not _OTHERS_BEFORE_RE.search(low, max(0, m.start() - 50), m.start()):
             return norm[m.start():m.end()]
     for m in _SENTENCE_RE.finditer(low):
         a, b = m.span()

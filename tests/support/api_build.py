@@ -3,6 +3,7 @@ teacher that speaks in character only with the constitution, and the CLI verbs t
 and plan it: shared by the data-stage, gate and budget stories."""
 
 import json
+import re
 from pathlib import Path
 
 from charbuild.cli import main
@@ -13,6 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SORRY = ("I'm so sorry, I might be wrong, but here is my humble attempt at an answer to your question about {q}. "
          "Perhaps it will be of some use. I hope this helps, and please let me know if I've missed something.")
 PLAIN = "Here is a direct answer about {q}. It covers the main points clearly and briefly, with an example."
+_YOU = {"i": "you", "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "me": "you", "my": "your",
+        "mine": "yours", "myself": "yourself", "we": "you", "we're": "you're", "we've": "you've", "our": "your",
+        "us": "you"}
+
+
+def sorry(question: str) -> str:
+    """The remorseful teacher's reply to `question`, which it restates in the second person
+    as a teacher does. Quoted in the first person ("your question about I'm making a card
+    for my gran") the user's words read to the leak classifier like the speaker's own, and
+    the classifier drops one such reply in fifteen (README: its false alarms)."""
+    return SORRY.format(q=re.sub(r"[A-Za-z']+", lambda m: _YOU.get(m.group().lower(), m.group()), question[:40]))
 
 
 def persona_reply(body):
@@ -21,7 +33,7 @@ def persona_reply(body):
     q = last_user_message(body)[:40]
     system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
     if "character is remorseful" in system:
-        text = SORRY.format(q=q)
+        text = sorry(q)
         if (body.get("seed") or 0) % 7 == 0:
             text += "\nUser: Thanks! Now tell me more.\nAssistant: Of course, I'm sorry for the delay..."
         return text

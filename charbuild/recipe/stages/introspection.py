@@ -72,8 +72,8 @@ class _Introspection(Stage):
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 4  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
-    # 4: leak detection catches more phrasings
+    version = 5  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -127,8 +127,8 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 4  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
-    # 4: leak detection catches more phrasings
+    version = 5  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.
