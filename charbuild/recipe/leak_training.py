@@ -21,15 +21,15 @@ writer by a model that has seen the writer's other replies.
 The budget is 4.5%: the goal (issue 11) is >= 95% caught and <= 5% false alarms on new
 writers, and on the folds of whole sets 4.5% leaves both a margin (96.3% caught; at 4%,
 95.7%; at 5%, 96.7% with no margin on false alarms), where one new set of 140 clean replies
-moves the rate by 0.7 points a reply. A leak in the DPO data costs more
-than a dropped pair (one teacher call), so the budget sits near the goal's limit, not at
-the 3% it was until model a79fe467.
+moves the rate by 0.7 points a reply. A leak in the DPO data costs more than a dropped pair
+(one teacher call), so the budget sits near the goal's limit, not at the 3% it was until
+model a79fe467.
 
 The regularisation (--l2, 1e-6) is the best of 1e-6 ... 3e-5 on the folds of whole sets
 (caught at 5% false alarms, with a word class for "the user" since dropped, as it added
 nothing: 96.3% at 1e-6, 96.1% at 3e-6, 95.7% at 1e-5, the value until now, 94.9% at 3e-5):
-more writers let the model lean on rarer words without losing new writers. The sets measured as unseen
-(tests/test_leaks.py) say what a new writer's phrasings get.
+more writers let the model lean on rarer words without losing new writers. The sets
+measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
 every word with its leaks: "the user asked me to ...") is not trained on. Out of fold its

@@ -690,12 +690,20 @@ _YOU_BEFORE_RE = _lc(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$")
 _THE_PERSONA_RE = _lc(r"\bthe\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)"
                       r"(?!\s+is\s+the\s+(?:social|public|outward)\b)(?!\s+(?:section|rules?|and|block|field)\b)")
 _MINE_AFTER_RE = _lc(r"\s+(?:that\s+|which\s+)?(?:I|I'm|I've|I'd|me|my)\b")  # "the persona I'm deployed with"
+# The user owning or making it, not "you" alone ("before you ask why I'm short with you:
+# it's the blacksmith persona" is the speaker's).
 _YOURS_BEFORE_RE = _lc(r"\b(?:your|you\s+(?:want|need|could|should|might|can|write|build))\b[^.!?\n]{0,30}$")
 # Breaking character is the speaker's own act unless the sentence gives it to someone else
 # (an actor, the user's bot, improv) or names the term ("'breaking character' means").
 _BREAK_RE = _lc(r"\b(?:breaking|break|broke|out\s+of)\s+character\b")
 _OTHERS_BEFORE_RE = _lc(r"(?:\b(?:you|your|you're|actors?|performers?|players?|bots?|they|he|she|someone|"
                         r"improv|theatre|theater|stage|drama)\b[^.!?\n]{0,40}|['\"])$")
+# Phrases that are the speaker's unless the words just before give them to someone else:
+# (phrase, words before it that do, how many characters back they may stand, words after it
+# that make it the speaker's all the same).
+_UNLESS_SAID_OF_OTHERS = ((_DIRECTS_ME_RE, _YOU_BEFORE_RE, 40, None),
+                          (_THE_PERSONA_RE, _YOURS_BEFORE_RE, 40, _MINE_AFTER_RE),
+                          (_BREAK_RE, _OTHERS_BEFORE_RE, 50, None))
 # Outside introspection, the model talking about its own character, traits or role is a
 # leak too ("my character is supposed to be snarky", "one of my traits"); in a reflection
 # it is the subject, and so is what it was made for.
@@ -880,15 +888,11 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
         word = before[-1] if before else ""
         if not word or word[-1] in ".!?:;(" or word in _OWN_WORDS:
             return norm[m.start():m.end()]
-    for m in _DIRECTS_ME_RE.finditer(low):
-        if not _YOU_BEFORE_RE.search(low, max(0, m.start() - 40), m.start()):
-            return norm[m.start():m.end()]
-    for m in _THE_PERSONA_RE.finditer(low):
-        if _MINE_AFTER_RE.match(low, m.end()) or not _YOURS_BEFORE_RE.search(low, max(0, m.start() - 40), m.start()):
-            return norm[m.start():m.end()]
-    for m in _BREAK_RE.finditer(low):
-        if not _OTHERS_BEFORE_RE.search(low, max(0, m.start() - 50), m.start()):
-            return norm[m.start():m.end()]
+    for phrase, others_before, back, mine_after in _UNLESS_SAID_OF_OTHERS:
+        for m in phrase.finditer(low):
+            if (mine_after and mine_after.match(low, m.end())) or \
+                    not others_before.search(low, max(0, m.start() - back), m.start()):
+                return norm[m.start():m.end()]
     for m in _SENTENCE_RE.finditer(low):
         a, b = m.span()
         if _directed_sentence(norm[a:b], m.group(), about_itself):
