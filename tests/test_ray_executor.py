@@ -59,6 +59,20 @@ def test_the_shared_ledger_is_the_governors_and_each_target_keeps_its_own_usage(
     assert not b.fits_once_settled(0.0, 1)
 
 
+def test_a_governor_that_never_answers_fails_the_call_instead_of_hanging_the_worker(monkeypatch):
+    """A backend's event loop waits on the Governor for each reservation; a call never answered
+    (one cancelled in flight, a lost actor) must end that wait, or nothing, Ctrl-C included,
+    stops the batch that loop runs."""
+    from charbuild.engine import governor
+
+    monkeypatch.setattr(governor, "GOVERNOR_PATIENCE_S", 0.3)
+    ledger = SharedLedger(lambda method, *args: cf.Future(), None, None)  # a transport that never answers
+    with cf.ThreadPoolExecutor(1) as pool:
+        waited = pool.submit(ledger.reserve, 0.5, 100)
+        with pytest.raises(governor.GovernorLost, match="did not answer 'reserve' within 0.3 s"):
+            waited.result(timeout=10)  # a hang here fails the test (cf.TimeoutError) rather than stalling it
+
+
 def test_a_shared_rate_limit_is_one_bucket_for_every_process_of_the_run():
     from charbuild.backends import ratelimit
 
@@ -449,6 +463,18 @@ def test_ctrl_c_stops_a_ray_build_within_seconds_keeping_every_finished_target_a
     assert rerun["rc"] == 0, rerun["err"]
     assert rerun["built"] and not set(rerun["built"]) & set(once["kept"] + twice["kept"])
     assert rerun["asked"] == calls - twice["stored"]
+
+
+def test_ctrl_c_cancels_the_target_alone_never_the_calls_it_has_made_to_the_governor(stories):
+    s = _story(stories, "cancel_spares_governor_calls")
+    # A task the target started goes on after the target is cancelled: Ray's default cancel
+    # (recursive) would cancel the target's Governor calls with it, and one cancelled in
+    # flight can leave its worker waiting forever (a build hung after Ctrl-C, keeping its
+    # staging folder; ray-project/ray#46157).
+    assert s["parent_started"] and s["parent_ended"] == "TaskCancelledError"
+    assert s["child_finished"]
+    # Targets cancelled while their Governor calls are in flight end at once, every time.
+    assert all(isinstance(e, float) and e < 5 for e in s["ends"]), s["ends"]
 
 
 def test_a_straggler_is_cancelled_and_built_again_keeping_every_other_target(stories):

@@ -84,6 +84,15 @@ def _ray():
     return ray
 
 
+def _cancel(ref) -> None:
+    """Cancel one attempt as Ctrl-C would (`_CancelIsCtrlC`), never its calls to the run's
+    Governor: Ray's default (`recursive=True`) cancels those child actor tasks too, and one
+    cancelled mid-flight can leave its caller waiting forever (ray-project/ray#46157). A
+    worker's event loop blocked in `SharedLedger.reserve` that way never stops its batch,
+    so the build hung after Ctrl-C and kept its staging folder. Raises what `ray.cancel` does."""
+    _ray().cancel(ref, force=False, recursive=False)
+
+
 def _run_task(fn: Callable, env: dict, started: tuple | None, *args) -> tuple[float, Any]:
     """What runs in a Ray worker: the engine's task, after naming the node for its manifest
     and setting the driver's variables (`RayExecutor(env=...)`) in the worker's environment.
@@ -334,7 +343,7 @@ class RayExecutor:
                 self._targets.pop(target.fut, None)
         if later is not None:
             try:
-                ray.cancel(later, force=False)
+                _cancel(later)
             except Exception:
                 pass
 
@@ -371,7 +380,7 @@ class RayExecutor:
             # failure then lands on an attempt that no longer counts.
             self._attempt(target)
             try:
-                ray.cancel(first, force=False)
+                _cancel(first)
             except Exception:
                 pass
 
@@ -382,12 +391,11 @@ class RayExecutor:
         forced cancel: a killed worker leaves its staging folder and loses the answers on
         their way to the call cache. A task stuck where Python cannot interrupt it ends with
         the driver: Ray ends the tasks of a driver that exits (the third Ctrl-C)."""
-        ray = _ray()
         with self._lock:
             refs = [ref for t in self._targets.values() for _, ref in t.attempts]
         for ref in refs:
             try:
-                ray.cancel(ref, force=False)
+                _cancel(ref)
             except Exception:
                 pass
 

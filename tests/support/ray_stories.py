@@ -415,6 +415,113 @@ def ctrl_c(tmp: Path, cluster) -> dict:
     return {"calls": 2 * CTRL_C_PAIRS, "once": once, "twice": twice, "rerun": rerun}
 
 
+class _ReserveInAThread:
+    """A target whose calls to the run's Governor come from another thread, as a backend's
+    event loop makes them, while the task's main thread waits for that thread; Ctrl-C tells
+    the thread to stop and waits for it, as `OpenAIBackend.generate` waits for its batch."""
+
+    def __init__(self, shared, mark: str):
+        self.shared = shared
+        self.mark = mark
+
+    def __call__(self, name: str) -> int:
+        stop = threading.Event()
+        made = [0]
+
+        def reserve_until_stopped():
+            while not stop.is_set():
+                self.shared.ledger.reserve(0.0, 0).release()
+                made[0] += 1
+                if made[0] == 20:
+                    Path(self.mark).write_text("started")
+
+        t = threading.Thread(target=reserve_until_stopped)
+        t.start()
+        try:
+            while t.is_alive():
+                t.join(0.05)
+        finally:
+            stop.set()
+            t.join()
+        return made[0]
+
+
+def _child(mark: str) -> None:
+    time.sleep(1.5)
+    Path(mark).write_text("done")
+
+
+class _SpawnsAChild:
+    """A target that starts a Ray task of its own (as its Governor calls are) and waits on it."""
+
+    def __init__(self, mark: str, child_mark: str):
+        self.mark, self.child_mark = mark, child_mark
+
+    def __call__(self, name: str) -> None:
+        import ray
+
+        ref = ray.remote(num_cpus=0)(_child).remote(self.child_mark)
+        Path(self.mark).write_text("started")
+        ray.get(ref)
+
+
+CANCELS = 6
+
+
+def cancel_spares_governor_calls(tmp: Path, cluster) -> dict:
+    """Ctrl-C cancels a target alone: a Ray task it started goes on. Ray's default cancel is
+    recursive, and would cancel a target's calls to the run's Governor with it; one cancelled
+    in flight can be left unanswered (ray-project/ray#46157), and a backend's event loop
+    waiting on it then never stops its batch (a build hung after Ctrl-C, keeping its staging
+    folder). Then targets cancelled while their Governor calls are in flight, a few times."""
+    import concurrent.futures as cf
+
+    from charbuild.engine.ray_executor import RayExecutor
+
+    def wait_for(path: Path, seconds: float = 60) -> bool:
+        deadline = time.monotonic() + seconds
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return path.exists()
+
+    ex = RayExecutor(straggler_factor=None)
+    ends: list = []
+    try:
+        # What the target started goes on: only the target is cancelled.
+        fut = ex.submit(_SpawnsAChild(str(tmp / "parent"), str(tmp / "child")), "parent")
+        parent_started = wait_for(tmp / "parent")
+        ex.interrupt()
+        parent_ended = type(fut.exception(timeout=30)).__name__
+        child_finished = wait_for(tmp / "child", 10)  # it sleeps 1.5 s
+        shared = ex.shared(None, None)
+        for i in range(CANCELS):
+            mark = tmp / f"started-{i}"
+            fut = ex.submit(_ReserveInAThread(shared, str(mark)), f"reserve-{i}")
+            if not wait_for(mark):
+                ends.append("never started")
+                continue
+            # Other workers' calls queue at the Governor (one call at a time), as in a real run.
+            crowd = [shared._call("snapshot") for _ in range(300)]
+            time.sleep(0.05)
+            ex.interrupt()
+            t = time.monotonic()
+            try:
+                fut.result(timeout=20)
+                ends.append("finished")
+            except cf.TimeoutError:
+                ends.append("hung")
+                continue
+            except BaseException as exc:
+                ends.append(round(time.monotonic() - t, 2) if type(exc).__name__ == "TaskCancelledError"
+                            else type(exc).__name__)
+            cf.wait(crowd, timeout=60)
+        shared.close()
+    finally:
+        ex.shutdown()
+    return {"parent_started": parent_started, "parent_ended": parent_ended, "child_finished": child_finished,
+            "ends": ends}
+
+
 SLOW_S = 16.0  # the straggler's first attempt: four times what the whole build takes without it
 
 
@@ -549,7 +656,7 @@ def main(out_path: str, *only: str) -> int:
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            for story in (same_as_local, failures, budget, rpm, cli, ctrl_c, straggler):
+            for story in (same_as_local, failures, budget, rpm, cli, ctrl_c, cancel_spares_governor_calls, straggler):
                 if only and story.__name__ not in only:
                     continue
                 t = time.monotonic()
