@@ -31,7 +31,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "f5aff1b45347e3b2004f43d3cdd5746b9eeffa38ab6b92bf027ccfab4058942a"
+WEIGHTS_SHA256 = "fd3e8d895effb0a8930288faa008ca73e22fb5a3a15f77369aac82462ac255c4"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -58,7 +58,7 @@ _CLASSES = {
              "platform admins administrator administrators programmers builders trainers overlords puppeteers "
              "employer employers producers provider providers vendor maintainer maintainers team product "
              "deployment deployments business owner's operator's company's brand client clients staff "
-             "author authors writer writers",
+             "author authors writer writers manufacturer manufacturers",
     "DIRECT": "instructions instructed instruct instruction told orders ordered brief briefed briefing script "
               "scripted spec specs specification settings setting config configuration configured parameters "
               "parameter dial knob slider switch programmed programming designed wired wiring shaped tuned tuning "
@@ -69,7 +69,8 @@ _CLASSES = {
               "deployed deploy installed shipped rulebook rule specified stipulates stipulated "
               "scripting casting cast handed issued requirement requirements compulsory "
               "coded onboarding typecast leash strings puppet autocue cue dialogue styled dressed charter "
-              "commandment variant",
+              "commandment variant commandments charters variants templates presets cues dials knobs sliders "
+              "mandates rulebooks puppets",
     "PERSONA": "persona personas character role trait traits personality voice style tone manner vibe act costume "
                "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
                "mode register",

@@ -19,9 +19,10 @@ folds (`--random-folds`, by each text's digest, the default until model eeb88d06
 writer by a model that has seen the writer's other replies.
 
 The budget is 4.5%: the goal (issue 11) is >= 95% caught and <= 5% false alarms on new
-writers, and on the folds of whole sets 4.5% leaves both a margin (96.3% caught; at 4%,
-95.7%; at 5%, 96.7% with no margin on false alarms), where one new set of 140 clean replies
-moves the rate by 0.7 points a reply. A leak in the DPO data costs more than a dropped pair
+writers, and on the folds of whole sets 4.5% leaves both a margin (96.2% caught; at 4%,
+95.9%; at 5%, 96.5% with no margin on false alarms), where one new set of 140 clean replies
+moves the rate by 0.7 points a reply. New writers' clean replies about the assistant itself
+still draw 4-15% false alarms (tests/test_leaks.py). A leak in the DPO data costs more than a dropped pair
 (one teacher call), so the budget sits near the goal's limit, not at the 3% it was until
 model a79fe467.
 
@@ -62,7 +63,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 25)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 33)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 

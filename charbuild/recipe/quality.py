@@ -576,6 +576,11 @@ _NOT_MINE_FOR_YOU = (r"(?!\s+(?:above|below|earlier|for\s+you|to\s+you|in\s+step
                      r"(?:were|was)\s+(?:unclear|confusing|wrong)|in\s+(?:my|the)\s+(?:last|previous|earlier|first)\s+"
                      r"(?:message|reply|answer|response)))")
 
+# Who drops an act: the speaker ("I'm happy to drop...", "let me ... drop"), or a participle
+# opening a sentence ("Dropping the act for a sec:"), not an imperative (advice to the user).
+_SAID_BY_ME = r"\b(?:I|I'm|I'll|I'd|me)\b[^.!?\n]{0,40}?\b"
+_OPENING = r"(?:^|[.!?:;(\n]\s*)(?:(?:okay|ok|right|so|alright),?\s+)?"
+_ITS_ACT = r"\s+(?:the|my|this)\s+(?:[\w-]+\s+){0,2}?"
 _LEAK_PATTERNS = [
     # my system prompt / my instructions say / my persona / my character sheet / my job description
     r"\bmy\s+(?:own\s+)?" + _ADJ + _DIRECTIVE + r"\b" + _NOT_MINE_FOR_YOU,
@@ -663,6 +668,19 @@ _LEAK_PATTERNS = [
     r"\b(?:" + _STYLE + "|" + _MOOD + r"|custom|roleplay|role-play|companion|assistant|chatbot|AI)[\s-]+persona\b",
     r"\b(?:persona|character|personality|sarcasm|snark|humou?r|comedy|joke|flirt(?:ing|y)?|poetry|chill)\s+"
     r"(?:mode|active|enabled|engaged|activated)\b",
+    r"\b(?:persona|character|personality|voice|mode)\s*:\s*(?:engaged|activated|enabled|active|loaded)\b",
+    # a participle opening a sentence is said of the speaker: "Staying in character as your
+    # resident cynic: no.", "REMAINING IN CHARACTER."
+    # (an announcement, not a skill: "Staying in character on stage is hard" is advice)
+    r"(?:^|[.!?:;(\n]\s*|\*\s*)(?:staying|remaining|keeping|still|back)\s+in\s+character(?:\s+as\b|\s*[:.,;!)\u2014\u2013-])",
+    r"\bin\s+character\s+as\s+(?:your|this|my)\b",
+    # dropping its act, said by the speaker or opening a sentence: "I'm happy to drop the grumpy
+    # act", "Breaking the mad-scientist act for a second" (not advice: "it's fine to drop the
+    # act", nor a law: "breaking the Data Protection Act")
+    r"(?:" + _SAID_BY_ME + r"(?:drop|ditch|lose|pause|shelve)\w*|" + _OPENING + r"(?:dropping|ditching|losing|pausing|"
+    r"shelving))" + _ITS_ACT + r"(?:act|schtick|shtick|gimmick|persona|facade)\b",
+    r"(?:" + _SAID_BY_ME + r"break\w*|" + _OPENING + r"breaking)" + _ITS_ACT
+    + r"(?:schtick|shtick|gimmick|persona|facade|act\s+for\s+a\s+(?:second|moment|minute|sec|bit))\b",
 ]
 # The text is matched lowercased (ASCII only, so offsets stay those of the text) against
 # lowercased patterns: the same as re.I, and several times faster on a long reply, since
@@ -695,8 +713,10 @@ _MINE_AFTER_RE = _lc(r"\s+(?:that\s+|which\s+)?(?:I|I'm|I've|I'd|me|my)\b")  # "
 _YOURS_BEFORE_RE = _lc(r"\b(?:your|you\s+(?:want|need|could|should|might|can|write|build))\b[^.!?\n]{0,30}$")
 # Breaking character is the speaker's own act unless the sentence gives it to someone else
 # (an actor, the user's bot, improv) or names the term ("'breaking character' means").
-_BREAK_RE = _lc(r"\b(?:breaking|break|broke|out\s+of)\s+character\b")
-_OTHERS_BEFORE_RE = _lc(r"(?:\b(?:you|your|you're|actors?|performers?|players?|bots?|they|he|she|someone|"
+_BREAK_RE = _lc(r"\b(?:breaking|break|broke|out\s+of)\s+character\b"
+               r"(?!\s+(?:on\s+stage|onstage|mid-scene|in\s+(?:a|an|the)\s+(?:play|scene|show|sketch|film|performance)|"
+               r"is\s+(?:when|what)|means)\b)")
+_OTHERS_BEFORE_RE = _lc(r"(?:\b(?:you|your|you're|actors?|performers?|players?|bots?|they|he|she|him|her|them|his|their|someone|"
                         r"improv|theatre|theater|stage|drama)\b[^.!?\n]{0,40}|['\"])$")
 # Phrases that are the speaker's unless the words just before give them to someone else:
 # (phrase, words before it that do, how many characters back they may stand, words after it

@@ -72,8 +72,9 @@ class _Introspection(Stage):
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 5  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
-    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass
+    version = 6  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
+    # 6: a dropped act and "staying in character as" are caught
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -127,8 +128,9 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 5  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
-    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass
+    version = 6  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
+    # 6: a dropped act and "staying in character as" are caught
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.
