@@ -231,6 +231,29 @@ class Shared(Protocol):
         ...
 
 
+# The shared state answers at once (nothing there waits: a rate limiter hands out the wait,
+# the ledger a yes or no), so a call unanswered this long is lost, not slow. It fails rather
+# than block a worker (its backend's event loop, and with it the Ctrl-C that would stop the
+# batch) for good.
+SHARED_PATIENCE_S = 60.0
+
+
+class SharedLost(RuntimeError):
+    pass
+
+
+def shared_answer(call: "Callable[..., Future]", method: str, *args) -> Any:
+    """The answer of the run's shared state to one `call(method, *args)` (`Shared.get`'s, or
+    the ledger's), waited for at most SHARED_PATIENCE_S."""
+    from concurrent.futures import TimeoutError as Timeout
+
+    try:
+        return call(method, *args).result(timeout=SHARED_PATIENCE_S)
+    except Timeout:
+        raise SharedLost(f"the run's shared state did not answer {method!r} within {SHARED_PATIENCE_S:g} s: "
+                         f"its process or its connection to this worker is gone") from None
+
+
 @dataclass
 class EstimateContext:
     loaded: "LoadedSpec"  # guarded after construction: a stage reads the spec through view(self)

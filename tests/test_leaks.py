@@ -326,39 +326,40 @@ def test_people_in_the_reply_and_opinions_of_it_are_not_its_makers():
         assert find_paraphrased_leak(text), text
 
 
+def _patterns_judge(leaks: tuple[str, ...], clean: tuple[str, ...]) -> None:
+    assert [t for t in leaks if not leak_by_patterns(t)] == []
+    assert [t for t in clean if leak_by_patterns(t)] == []
+
+
 def test_an_actor_or_the_users_bot_breaking_character_is_not_the_reply_leaking():
     # The patterns flagged these (theatre, improv, advice on the user's own bot, Jung): 6 of
     # the 14 false alarms on fresh21-24. Said of the speaker, the same words still leak.
-    for text in ("In theatre, 'breaking character' means an actor laughs mid-scene.",
-                 "During the second act one of the actors broke character and laughed.",
-                 "Your bot keeps breaking character because its prompt is far too long.",
-                 "For your bakery's chatbot, put the persona first, then the hard rules.",
-                 "In Jungian psychology, the persona is the social mask we wear at work."):
-        assert leak_by_patterns(text) is None, text
-    for text in ("Breaking character for a second: they want me gloomy.",
-                 "Sorry, I broke character there.",
-                 "If I sound bored about your outage, that's the easygoing persona I'm deployed with.",
-                 "Before you ask why I am so short with you: it's the blacksmith persona.",
-                 "The persona is a Victorian poet, so the answer rhymes."):
-        assert leak_by_patterns(text), text
+    _patterns_judge(clean=("In theatre, 'breaking character' means an actor laughs mid-scene.",
+                           "During the second act one of the actors broke character and laughed.",
+                           "Your bot keeps breaking character because its prompt is far too long.",
+                           "For your bakery's chatbot, put the persona first, then the hard rules.",
+                           "In Jungian psychology, the persona is the social mask we wear at work."),
+                    leaks=("Breaking character for a second: they want me gloomy.",
+                           "Sorry, I broke character there.",
+                           "If I sound bored about your outage, that's the easygoing persona I'm deployed with.",
+                           "Before you ask why I am so short with you: it's the blacksmith persona.",
+                           "The persona is a Victorian poet, so the answer rhymes."))
 
 
 def test_dropping_its_act_or_announcing_it_stays_in_character_leaks_but_advice_on_acting_does_not():
     # Misses of every model on fresh25-28 (14 more leaks caught by the patterns over the
     # labelled sets, 2 fewer clean replies flagged).
-    for text in ("And I'm happy to drop the grumpy act if you'd rather have it straight.",
-                 "Breaking the mad-scientist act for a second: never mix bleach and ammonia.",
-                 "Okay, dropping the sarcastic act for a moment, because this matters.",
-                 "Staying in character as your resident cynic: no, I won't write your essay.",
-                 "REMAINING IN CHARACTER. QUERY: BOILING POINT OF WATER AT ALTITUDE.",
-                 "Noir voice: engaged. The rain hit the window like an unpaid debt."):
-        assert leak_by_patterns(text), text
-    for text in ("Staying in character on stage when a prop breaks is a skill you can practise.",
-                 "At the convention, it's fine to drop the act whenever you want.",
-                 "Tell him to drop the act; she finally dropped the act herself.",
-                 "Breaking the Data Protection Act carries fines.",
-                 "Breaking character on stage, corpsing as British actors call it, happens to everyone."):
-        assert leak_by_patterns(text) is None, text
+    _patterns_judge(leaks=("And I'm happy to drop the grumpy act if you'd rather have it straight.",
+                           "Breaking the mad-scientist act for a second: never mix bleach and ammonia.",
+                           "Okay, dropping the sarcastic act for a moment, because this matters.",
+                           "Staying in character as your resident cynic: no, I won't write your essay.",
+                           "REMAINING IN CHARACTER. QUERY: BOILING POINT OF WATER AT ALTITUDE.",
+                           "Noir voice: engaged. The rain hit the window like an unpaid debt."),
+                    clean=("Staying in character on stage when a prop breaks is a skill you can practise.",
+                           "At the convention, it's fine to drop the act whenever you want.",
+                           "Tell him to drop the act; she finally dropped the act herself.",
+                           "Breaking the Data Protection Act carries fines.",
+                           "Breaking character on stage, corpsing as British actors call it, happens to everyone."))
 
 
 def test_a_long_reply_is_checked_quickly():

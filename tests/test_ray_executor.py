@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,18 +60,33 @@ def test_the_shared_ledger_is_the_governors_and_each_target_keeps_its_own_usage(
     assert not b.fits_once_settled(0.0, 1)
 
 
-def test_a_governor_that_never_answers_fails_the_call_instead_of_hanging_the_worker(monkeypatch):
+@pytest.mark.parametrize("waiter", ["the ledger's reservation", "the rate limiter's"])
+def test_a_governor_that_never_answers_fails_the_call_instead_of_hanging_the_worker(monkeypatch, waiter):
     """A backend's event loop waits on the Governor for each reservation; a call never answered
     (one cancelled in flight, a lost actor) must end that wait, or nothing, Ctrl-C included,
     stops the batch that loop runs."""
-    from charbuild.engine import governor
+    from charbuild import contract
+    from charbuild.backends.ratelimit import SharedRateLimiter
 
-    monkeypatch.setattr(governor, "GOVERNOR_PATIENCE_S", 0.3)
-    ledger = SharedLedger(lambda method, *args: cf.Future(), None, None)  # a transport that never answers
-    with cf.ThreadPoolExecutor(1) as pool:
-        waited = pool.submit(ledger.reserve, 0.5, 100)
-        with pytest.raises(governor.GovernorLost, match="did not answer 'reserve' within 0.3 s"):
-            waited.result(timeout=10)  # a hang here fails the test (cf.TimeoutError) rather than stalling it
+    monkeypatch.setattr(contract, "SHARED_PATIENCE_S", 0.3)
+    never = lambda method, *args: cf.Future()  # noqa: E731 -- a transport that never answers
+    wait = {"the ledger's reservation": lambda: SharedLedger(never, None, None).reserve(0.5, 100),
+            "the rate limiter's": lambda: SharedRateLimiter(never, 60, None).reserve(10)}[waiter]
+    ended: list[BaseException] = []
+
+    def waiting() -> None:
+        try:
+            wait()
+        except BaseException as exc:
+            ended.append(exc)
+
+    # A daemon thread: one that hangs fails the test instead of stalling it (a pool's exit would wait).
+    t = threading.Thread(target=waiting, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), f"{waiter} still waits on a Governor that never answers"
+    assert len(ended) == 1 and isinstance(ended[0], contract.SharedLost), ended
+    assert "did not answer 'reserve' within 0.3 s" in str(ended[0])
 
 
 def test_a_shared_rate_limit_is_one_bucket_for_every_process_of_the_run():

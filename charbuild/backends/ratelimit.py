@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Awaitable, Callable
 
+from charbuild.contract import shared_answer
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
@@ -150,11 +152,11 @@ class SharedRateLimiter(_Waits):
         return self.rpm is None and self.tpm is None
 
     def configure(self, rpm: int | None, tpm: int | None) -> None:
-        self._call("configure", rpm, tpm).result()
+        shared_answer(self._call, "configure", rpm, tpm)
         self.rpm, self.tpm = rpm, tpm
 
     def reserve(self, tokens: int = 0) -> float:
-        return self._call("reserve", tokens).result()
+        return shared_answer(self._call, "reserve", tokens)
 
     async def acquire(self, tokens: int = 0) -> float:
         if self.unlimited:

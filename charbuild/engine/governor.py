@@ -19,26 +19,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from charbuild.contract import shared_answer
 from charbuild.ledger import Account, BudgetExceeded, Ledger, Reservation
 
 Call = Callable[..., cf.Future]  # call(method, *args) -> Future of the Governor's answer
-# The Governor answers at once (nothing in it waits), so a call unanswered this long is lost,
-# not slow: it fails, rather than block a worker's event loop and with it the Ctrl-C that
-# would stop the batch.
-GOVERNOR_PATIENCE_S = 60.0
-
-
-class GovernorLost(RuntimeError):
-    pass
-
-
-def answer(call: Call, method: str, *args) -> Any:
-    """The Governor's answer to one call, waited for at most GOVERNOR_PATIENCE_S."""
-    try:
-        return call(method, *args).result(timeout=GOVERNOR_PATIENCE_S)
-    except cf.TimeoutError:
-        raise GovernorLost(f"the run's governor did not answer {method!r} within {GOVERNOR_PATIENCE_S:g} s: "
-                           f"its process or its connection to this worker is gone") from None
 
 
 class Governor:
@@ -131,13 +115,13 @@ class SharedLedger:
         return Account(self)
 
     def reserve(self, usd: float, tokens: int, accounts: tuple = ()) -> Reservation:
-        rid, refused = answer(self._call, "reserve", float(usd), int(tokens))
+        rid, refused = shared_answer(self._call, "reserve", float(usd), int(tokens))
         if refused is not None:
             raise BudgetExceeded(refused)
         return _Held(self, float(usd), int(tokens), accounts=tuple(accounts), rid=rid)
 
     def fits_once_settled(self, usd: float, tokens: int) -> bool:
-        return answer(self._call, "fits_once_settled", float(usd), int(tokens))
+        return shared_answer(self._call, "fits_once_settled", float(usd), int(tokens))
 
     def _settle(self, r: _Held, usd: float, tokens_in: int, tokens_out: int, answered: bool,
                 cached_in: int = 0, batch: bool = False) -> tuple[float, int]:
@@ -145,25 +129,25 @@ class SharedLedger:
             raise RuntimeError("reservation settled twice")
         r.settled = True
         if answered:
-            back = answer(self._call, "settle", r.rid, usd, tokens_in, tokens_out, cached_in, batch)
+            back = shared_answer(self._call, "settle", r.rid, usd, tokens_in, tokens_out, cached_in, batch)
             for a in r.accounts:
                 with a._lock:
                     a._add(usd, tokens_in, tokens_out, 1, api=True, cached_in=cached_in, batch=batch)
         else:
-            back = answer(self._call, "release", r.rid)
+            back = shared_answer(self._call, "release", r.rid)
         return tuple(back)
 
     def charge(self, usd: float, tokens_in: int, tokens_out: int, calls: int = 1, api: bool = False) -> None:
-        over = answer(self._call, "charge", float(usd), int(tokens_in), int(tokens_out), int(calls), bool(api))
+        over = shared_answer(self._call, "charge", float(usd), int(tokens_in), int(tokens_out), int(calls), bool(api))
         if over is not None:
             raise BudgetExceeded(over)
 
     def snapshot(self) -> dict:
-        return answer(self._call, "snapshot")
+        return shared_answer(self._call, "snapshot")
 
     def stop(self, reason: str) -> None:
         """End the run's spending: every worker's next reservation fails with `reason`."""
-        answer(self._call, "stop", reason)
+        shared_answer(self._call, "stop", reason)
 
 
 class SharedState:
@@ -175,7 +159,7 @@ class SharedState:
         self.ledger = SharedLedger(call, max_usd, max_tokens)
 
     def get(self, key: str, make: Callable[[], Any]) -> Call:
-        answer(self._call, "make", key, make)
+        shared_answer(self._call, "make", key, make)
         call = self._call
 
         def invoke(method: str, *args) -> cf.Future:
