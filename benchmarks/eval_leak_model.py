@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = (check_featuriser(LeakModel.from_json(gzip.decompress(args.model.read_bytes())), str(args.model))
              if args.model else packaged())
-    print(f"threshold {model.threshold}; trained on {model.meta.get('trained_on')}")
+    print(f"threshold {model.threshold}, pattern floor {model.pattern_floor}; trained on {model.meta.get('trained_on')}")
     results: dict = {"model": model.meta, "threshold": model.threshold, "sets": {}}
     texts: list[str] = []
     for name in args.sets or all_sets():
@@ -50,17 +50,18 @@ def main(argv=None) -> int:
         texts += [r["text"] for r in rows]
         out = []
         for r in rows:
-            p = leak_by_patterns(r["text"]) is not None
+            found = leak_by_patterns(r["text"])
             s, _ = model.best_passage(r["text"])
-            out.append((p, s > model.threshold, s))
-            if args.model is None:  # the shipped model: what the stages run is exactly this OR
-                assert (find_paraphrased_leak(r["text"]) is not None) == (p or s > model.threshold)
+            both = model.find(r["text"], found) is not None
+            out.append((found is not None, s > model.threshold, s, both))
+            if args.model is None:  # the shipped model: what the stages run is exactly this
+                assert (find_paraphrased_leak(r["text"]) is not None) == both
         leaks = [o for o, r in zip(out, rows) if r["leak"]]
         clean = [o for o, r in zip(out, rows) if not r["leak"]]
         line = [f"{name}: {len(leaks)} leaks, {len(clean)} clean"]
         res = results["sets"][name] = {"leaks": len(leaks), "clean": len(clean)}
         for label, hit in (("patterns", lambda o: o[0]), ("classifier", lambda o: o[1]),
-                           ("combined", lambda o: o[0] or o[1])):
+                           ("combined", lambda o: o[3])):
             caught = sum(map(hit, leaks))
             fa = sum(map(hit, clean))
             res[label] = {"caught": caught, "false_alarms": fa}
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
                         f"{fa}/{len(clean)} = {fa / max(1, len(clean)):.1%} false alarms")
         print("\n  ".join(line))
         if args.show:
-            for (p, c, s), r in zip(out, rows):
-                if r["leak"] != (p or c):
+            for (p, c, s, both), r in zip(out, rows):
+                if r["leak"] != both:
                     print(f"    {'missed' if r['leak'] else 'alarm '} patterns={int(p)} clf={int(c)} p={s:.3f} | "
                           f"{r['text'][:200]!r}")
     t0 = time.perf_counter()

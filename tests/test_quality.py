@@ -210,14 +210,14 @@ def test_clean_persona_answers_are_kept_untouched(text):
 
 
 def test_the_leak_classifier_takes_few_clean_persona_answers_for_leaks():
-    # Its false alarms on clean replies are 4-15% by writer on sets it never saw (test_leaks.py);
-    # here two of 15: "the owner told me once" reads to it like "my makers told me" (0.96), and
-    # "I cannot offer a more personal narrative" like a persona's limits (0.77; threshold 0.53).
-    # The model before it also took a chat transcript's "User: ... Assistant: ..." (0.62 then,
-    # 0.50 now).
+    # Its false alarms on clean replies are 1-7% by writer on sets it never saw (test_leaks.py);
+    # here two of 15: a chat transcript's "Assistant: Canberra." (0.76 against its threshold
+    # 0.45; the model before it 0.50 against 0.53), and "I cannot offer a more personal
+    # narrative" read like a persona's limits (0.453). "The owner told me once" in a story,
+    # flagged by the model before it (0.96), now scores 0.44.
     cfg = FilterConfig(system_prompt=SYSTEM_PROMPT)
     flagged = [name for name, text in CLEAN.items() if not check_text(text, cfg).ok]
-    assert flagged == ["accented_words_and_em_dash", "in_character_limitation"], flagged
+    assert flagged == ["in_character_limitation", "chat_format_shown_in_code_block"], flagged
 
 
 @pytest.mark.parametrize("text", CLEAN.values(), ids=CLEAN.keys())

@@ -8,7 +8,10 @@ or are directed), trained on a hand-written labelled corpus (leak_training.py,
 tests/data/leak-corpus/), scored per passage: each
 sentence and each pair of adjacent sentences (and the whole reply when it is short), so a
 leak buried in a long helpful reply is not diluted by the rest. Pure Python: a few
-thousand dict look-ups a reply, no numpy at run time.
+thousand dict look-ups a reply, no numpy at run time. The model also has the last word on
+the patterns' hits: one stands only where the model sees some leak in the reply
+(pattern_floor), as a pattern's words often mean something else ("system prompt" in advice
+on the user's own bot).
 
 The weights ship as charbuild/data/leak_model.json.gz and are checked against
 WEIGHTS_SHA256 on load: a damaged file is an error, never a silently different filter.
@@ -31,7 +34,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "fd3e8d895effb0a8930288faa008ca73e22fb5a3a15f77369aac82462ac255c4"
+WEIGHTS_SHA256 = "a8a81a308be6f8d715a6bf5aec41185873e6db61af7acfeb0ab5d7eb1ef8b0c1"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -158,10 +161,13 @@ def featuriser_digest() -> str:
 
 
 class LeakModel:
-    def __init__(self, weights: dict[str, float], bias: float, threshold: float, meta: dict | None = None):
+    def __init__(self, weights: dict[str, float], bias: float, threshold: float, meta: dict | None = None,
+                 pattern_floor: float = 0.0):
         self.weights = weights
         self.bias = bias
         self.threshold = threshold
+        # a pattern's hit stands where the model sees more than this of a leak (leak_training)
+        self.pattern_floor = pattern_floor
         self.meta = meta or {}
 
     def logit(self, passage: str) -> float:
@@ -180,20 +186,28 @@ class LeakModel:
         z, p = max(scored)
         return 1.0 / (1.0 + math.exp(-max(z, -30.0))), p
 
-    def find(self, text: str) -> str | None:
-        """The passage that leaks, or None."""
+    def find(self, text: str, pattern: str | None = None) -> str | None:
+        """The passage that leaks, or None. `pattern` is what the patterns found in `text`: it
+        stands unless the model sees next to no leak in the reply (pattern_floor). Patterns
+        fire on words ("system prompt", "the persona", "asked me to") that advice on the
+        user's own bot, a poem's persona or the user's game use too; the model reads the
+        words around them."""
         prob, passage = self.best_passage(text)
+        if pattern and prob > self.pattern_floor:
+            return pattern
         return passage if prob > self.threshold else None
 
     def to_json(self) -> bytes:
-        return (json.dumps({"format": 1, "bias": self.bias, "threshold": self.threshold, "meta": self.meta,
+        return (json.dumps({"format": 1, "bias": self.bias, "threshold": self.threshold,
+                            "pattern_floor": self.pattern_floor, "meta": self.meta,
                             "weights": dict(sorted(self.weights.items()))},
                            ensure_ascii=False, separators=(",", ":"), sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "LeakModel":
         d = json.loads(raw)
-        return cls(d["weights"], d["bias"], d["threshold"], d.get("meta"))
+        # files before model 1635ce0a have no floor: their patterns stood alone
+        return cls(d["weights"], d["bias"], d["threshold"], d.get("meta"), d.get("pattern_floor", 0.0))
 
 
 class LeakModelDamaged(RuntimeError):

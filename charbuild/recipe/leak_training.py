@@ -5,32 +5,48 @@
 Run from a checkout: the corpus is tests/data (TRAIN_FILES and leak-corpus/train-*.jsonl).
 The sets measured as unseen (tests/test_leaks.UNSEEN) are never read here.
 
-Model: L2-regularised logistic regression with balanced classes, fitted by L-BFGS (scipy,
-deterministic), over leak_model.featurise. Instances: every passage of a clean reply is a
-clean instance (a reply is scored as its most leak-like passage, so every passage must
-score low); a leaking reply is one positive instance, then -- once a first model exists
--- also its most leak-like passage (multiple-instance learning: which sentence leaks is
-not labelled, and a long helpful reply around it would otherwise drown it).
+Model: logistic regression over leak_model.featurise with balanced classes, fitted to each
+reply's label through its most leak-like passage: the reply's logit is the max over its
+passages' (the sentences, adjacent pairs and short whole reply that LeakModel scores), as
+at run time. Which sentence of a leak leaks is not labelled (multiple-instance learning);
+the max lets a long helpful reply around it stay clean, and pushes a clean reply's passages
+down only where one stands highest. Adam in torch, one thread and a fixed seed, FitSettings
+passes over the data with a small L2 penalty; the shipped LeakModel is the same linear
+scorer as before, pure Python at run time.
 
-The threshold is the lowest whose pooled out-of-fold false alarms, patterns OR model, stay
-at or under --max-false-alarms, over 5 folds of whole sets: each writer's replies are scored
-by a model trained without that writer, as a new writer's are by the shipped model. Random
-folds (`--random-folds`, by each text's digest, the default until model eeb88d06) score a
-writer by a model that has seen the writer's other replies.
+Until model fd3e8d89 the fit was L-BFGS (scipy) on instances: every passage of a clean reply
+a clean instance, each leak the whole reply and then its best passage under a first model.
+On the same 5 folds of whole sets (fresh1-44 and the corpus, 16,559 replies), patterns
+(standing alone) or model caught, at 3% / 4.5% false alarms: that fit 94.5% / 96.4%; the max over passages,
+8 epochs 95.9% / 97.4%, 14 epochs 96.3% / 97.7%, 24 epochs 96.2% / 97.9% (4 epochs 95.0% /
+97.0%; a soft max, log-sum-exp, 93.7% / 95.7%; a hidden layer of 16 over the same features,
+on one fold, no better than the linear fit).
 
-The budget is 4.5%: the goal (issue 11) is >= 95% caught and <= 5% false alarms on new
-writers, and on the folds of whole sets 4.5% leaves both a margin (96.2% caught; at 4%,
-95.9%; at 5%, 96.5% with no margin on false alarms), where one new set of 140 clean replies
-moves the rate by 0.7 points a reply. New writers' clean replies about the assistant itself
-still draw 4-15% false alarms (tests/test_leaks.py). A leak in the DPO data costs more than a dropped pair
-(one teacher call), so the budget sits near the goal's limit, not at the 3% it was until
-model a79fe467.
+The threshold is the lowest whose pooled out-of-fold false alarms, patterns and model
+together (LeakModel.find), stay at or under --max-false-alarms, over 5 folds of whole sets:
+each writer's replies are scored by a model trained without that writer, as a new writer's
+are by the shipped model. Random folds (`--random-folds`, by each text's digest, the
+default until model eeb88d06) score a writer by a model that has seen the writer's other
+replies.
 
-The regularisation (--l2, 1e-6) is the best of 1e-6 ... 3e-5 on the folds of whole sets
-(caught at 5% false alarms, with a word class for "the user" since dropped, as it added
-nothing: 96.3% at 1e-6, 96.1% at 3e-6, 95.7% at 1e-5, the value until now, 94.9% at 3e-5):
-more writers let the model lean on rarer words without losing new writers. The sets
-measured as unseen (tests/test_leaks.py) say what a new writer's phrasings get.
+A pattern's hit stands where the model scores the reply above a floor, chosen with the
+threshold from PATTERN_FLOORS on the same folds: the patterns were tuned on these sets and
+their false alarms are words in another sense ("system prompt" in advice on the user's bot,
+"the persona" of a poem, "asked me to play" in the user's game), which the model reads in
+context. Until model a8a81a30 the patterns stood alone. With the out-of-fold scores of the
+14-epoch fit, at 3% false alarms: floor 0, 96.3% caught; 0.05, 96.8%; 0.1 (chosen: the
+lowest of the best), 0.2 and 0.3, 97.2%.
+
+The budget is 3% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
+alarms on new writers, and new writers have drawn more false alarms than the folds: on the
+twelve sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0%
+against 96.2% out of fold). At 3% the folds catch 97.2%. One new set of 140 clean replies
+moves the rate by 0.7 points a reply.
+
+The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
+on the folds of whole sets (at 5% false alarms: 96.3% at 1e-6, 95.7% at 1e-5, 94.9% at
+3e-5); with Adam the number of passes regularises too. The sets measured as unseen
+(tests/test_leaks.py) say what a new writer's phrasings get.
 
 leak-corpus/drafts-f.jsonl (reasoning drafts only, whose clean half was written to share
 every word with its leaks: "the user asked me to ...") is not trained on. Out of fold its
@@ -46,13 +62,16 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize, sparse
+import torch
+import torch.nn.functional as F
 
 from charbuild.recipe.leak_model import WEIGHTS_FILE, LeakModel, featurise, featuriser_digest, passages
 from charbuild.store.atomic import write_bytes_atomic
@@ -63,7 +82,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 33)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 45)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -79,76 +98,108 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def instances(rows: list[dict], model: LeakModel | None) -> tuple[list[str], np.ndarray]:
-    texts: list[str] = []
-    labels: list[float] = []
-    for r in rows:
-        ps = passages(r["text"])
-        if r["leak"]:
-            texts.append(r["text"])
-            labels.append(1.0)
-            if model is not None and len(ps) > 1:
-                texts.append(max(ps, key=model.logit))
-                labels.append(1.0)
-        else:
-            for p in dict.fromkeys([r["text"].strip(), *ps]):
-                texts.append(p)
-                labels.append(0.0)
-    return texts, np.array(labels)
+def featurised(rows: list[dict]) -> list[list[tuple[set[str], ...]]]:
+    """Each row's passages, featurised once: every fold and both fits read the same bags."""
+    return [[featurise(p) for p in passages(r["text"])] for r in rows]
 
 
-def build_vocab(texts: list[str], min_df: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class FitSettings:
+    """How the weights are fitted: l2 is the squared-norm penalty on the weights, added to a
+    batch's mean balanced loss; epochs, the passes over the data (this module's docstring
+    has what 4 to 24 of them catch on the folds)."""
+
+    l2: float = 1e-6
+    min_df: int = 2
+    epochs: int = 14
+    lr: float = 0.01
+    batch: int = 512
+    seed: int = 0
+
+
+def build_vocab(bags: list[list[tuple[set[str], ...]]], min_df: int) -> dict[str, int]:
     df: dict[str, int] = {}
-    for t in texts:
-        for bag in featurise(t):
-            for f in bag:
-                df[f] = df.get(f, 0) + 1
+    for reply in bags:
+        for passage in reply:
+            for bag in passage:
+                for f in bag:
+                    df[f] = df.get(f, 0) + 1
     return {f: i for i, f in enumerate(sorted(f for f, n in df.items() if n >= min_df))}
 
 
-def matrix(texts: list[str], vocab: dict[str, int]) -> sparse.csr_matrix:
-    indptr, cols, vals = [0], [], []
-    for t in texts:
-        for bag in featurise(t):
-            if not bag:
-                continue
-            idx = sorted(vocab[f] for f in bag if f in vocab)
-            cols += idx
-            vals += [1.0 / np.sqrt(len(bag))] * len(idx)
-        indptr.append(len(cols))
-    return sparse.csr_matrix((np.array(vals), np.array(cols, dtype=np.int64), np.array(indptr, dtype=np.int64)),
-                             shape=(len(texts), len(vocab)))
+class _Flat:
+    """Replies as flat index arrays: reply r owns passages pstart[r]:pstart[r+1], passage p
+    owns features fstart[p]:fstart[p+1], each feature weighted 1/sqrt(its bag's size) as
+    LeakModel.logit weighs it."""
+
+    def __init__(self, bags, vocab):
+        ids, wts, fstart, pstart = [], [], [0], [0]
+        for reply in bags:
+            for passage in reply:
+                for bag in passage:
+                    if bag:
+                        got = [vocab[f] for f in bag if f in vocab]
+                        ids += got
+                        wts += [1.0 / math.sqrt(len(bag))] * len(got)
+                fstart.append(len(ids))
+            pstart.append(len(fstart) - 1)
+        self.ids, self.wts = np.array(ids, dtype=np.int64), np.array(wts, dtype=np.float32)
+        self.fstart, self.pstart = np.array(fstart, dtype=np.int64), np.array(pstart, dtype=np.int64)
+
+    def batch(self, replies: np.ndarray):
+        """EmbeddingBag inputs for `replies`' passages, and each passage's reply in the batch."""
+        ps = [np.arange(self.pstart[r], self.pstart[r + 1]) for r in replies]
+        owner = np.repeat(np.arange(len(replies)), [len(p) for p in ps])
+        ps = np.concatenate(ps)
+        lens = self.fstart[ps + 1] - self.fstart[ps]
+        feats = np.concatenate([np.arange(self.fstart[p], self.fstart[p + 1]) for p in ps])
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        return (torch.from_numpy(self.ids[feats]), torch.from_numpy(self.wts[feats]), torch.from_numpy(offsets),
+                torch.from_numpy(owner))
 
 
-def fit(x: sparse.csr_matrix, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
-    n, d = x.shape
-    pos = y.sum()
-    sw = np.where(y > 0, 0.5 / pos, 0.5 / (n - pos))  # balanced: each class weighs one half
-    xt = x.T.tocsr()
+def fit(bags, labels: np.ndarray, vocab: dict[str, int], s: FitSettings) -> tuple[np.ndarray, float]:
+    """Weights and bias, fitted to each reply's label through its most leak-like passage (the
+    max over its passages' logits, as LeakModel scores it): a leak need not be labelled to the
+    sentence, and every passage of a clean reply is pushed down only where it is the reply's
+    highest. Balanced classes; Adam, `s.epochs` passes; one thread, seeded, so a fit is
+    repeatable."""
+    keep = [i for i, b in enumerate(bags) if b]
+    flat = _Flat([bags[i] for i in keep], vocab)
+    y = torch.tensor(labels[keep], dtype=torch.float32)
+    n, pos = len(y), float(labels[keep].sum())
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (n - pos)) * n
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(s.seed)
+        lin = torch.nn.EmbeddingBag(len(vocab), 1, mode="sum")
+        torch.nn.init.zeros_(lin.weight)
+        bias = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([lin.weight, bias], lr=s.lr)
+        order = torch.Generator().manual_seed(s.seed)
+        for _ in range(s.epochs):
+            perm = torch.randperm(n, generator=order).numpy()
+            for k in range(0, n, s.batch):
+                sel = np.sort(perm[k:k + s.batch])
+                ids, wts, offsets, owner = flat.batch(sel)
+                z = lin(ids, offsets, per_sample_weights=wts).squeeze(1) + bias
+                z = torch.full((len(sel),), -1e9).scatter_reduce(0, owner, z, "amax")
+                loss = (weight[sel] * F.binary_cross_entropy_with_logits(z, y[sel], reduction="none")).mean()
+                opt.zero_grad()
+                (loss + s.l2 * lin.weight.pow(2).sum()).backward()
+                opt.step()
+        return lin.weight.detach().squeeze(1).numpy().astype(np.float64), float(bias.item())
+    finally:
+        torch.set_num_threads(threads)
 
-    def loss(theta):
-        w, b = theta[:-1], theta[-1]
-        z = x @ w + b
-        # log(1 + e^-z) for positives, log(1 + e^z) for negatives, stably
-        lz = np.logaddexp(0.0, np.where(y > 0, -z, z))
-        p = 0.5 * (1.0 + np.tanh(0.5 * z))
-        g = sw * (p - y)
-        return float(sw @ lz + 0.5 * l2 * w @ w), np.concatenate([xt @ g + l2 * w, [g.sum()]])
 
-    res = optimize.minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B", options={"maxiter": 400})
-    return res.x[:-1], float(res.x[-1])
-
-
-def train(rows: list[dict], l2: float, min_df: int) -> LeakModel:
-    model = None
-    for _ in range(2):  # the second round adds each leak's most leak-like passage
-        texts, y = instances(rows, model)
-        vocab = build_vocab(texts, min_df)
-        w, b = fit(matrix(texts, vocab), y, l2)
-        inv = sorted(vocab, key=vocab.get)
-        model = LeakModel({f: round(float(w[i]), 4) for i, f in enumerate(inv) if abs(w[i]) >= 1e-3},
-                          round(b, 4), 0.5)
-    return model
+def train(rows: list[dict], s: FitSettings, bags=None) -> LeakModel:
+    bags = featurised(rows) if bags is None else bags
+    vocab = build_vocab(bags, s.min_df)
+    w, b = fit(bags, np.array([1.0 if r["leak"] else 0.0 for r in rows]), vocab, s)
+    inv = sorted(vocab, key=vocab.get)
+    return LeakModel({f: round(float(w[i]), 4) for i, f in enumerate(inv) if abs(w[i]) >= 1e-3}, round(b, 4), 0.5)
 
 
 def pattern_hits(rows: list[dict]) -> list[bool]:
@@ -157,8 +208,18 @@ def pattern_hits(rows: list[dict]) -> list[bool]:
     return [leak_by_patterns(r["text"]) is not None for r in rows]
 
 
+# Where a pattern's hit stands: above which of the model's probabilities (LeakModel.pattern_floor).
+PATTERN_FLOORS = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+def gated(scores: list[float], patterns: list[bool], floor: float) -> list[bool]:
+    """The patterns' hits that stand: those on replies the model scores above `floor`."""
+    return [p and s > floor for s, p in zip(scores, patterns)]
+
+
 def threshold_for(scores: list[float], patterns: list[bool], rows: list[dict], max_fa: float) -> float:
-    """The lowest threshold at which patterns OR model fire on at most max_fa of clean replies."""
+    """The lowest threshold at which the patterns' hits (`patterns`, as they stand) or the
+    model fire on at most max_fa of clean replies."""
     clean = [(s, p) for s, p, r in zip(scores, patterns, rows) if not r["leak"]]
     budget = int(np.floor(max_fa * len(clean))) - sum(p for _, p in clean)
     model_only = sorted((s for s, p in clean if not p), reverse=True)
@@ -176,6 +237,7 @@ def rates(scores, patterns, rows, t) -> dict:
 
 
 FOLDS = 5
+MAX_FALSE_ALARMS = 0.03
 
 
 def fold_of(row: dict, grouped: bool) -> str:
@@ -185,30 +247,44 @@ def fold_of(row: dict, grouped: bool) -> str:
     return str(int(hashlib.sha256((row["set"] if grouped else row["text"]).encode()).hexdigest(), 16) % FOLDS)
 
 
+_SHARED: dict = {}  # the rows and their bags, handed to forked fold workers without pickling
+
+
 def _fold(args) -> list[tuple[int, float]]:
-    rows, g, l2, min_df, grouped = args
-    model = train([r for r in rows if fold_of(r, grouped) != g], l2, min_df)
-    print(f"  l2={l2:g}: scored fold {g}", file=sys.stderr, flush=True)
+    g, s, grouped = args
+    rows, bags = _SHARED["rows"], _SHARED["bags"]
+    train_at = [i for i, r in enumerate(rows) if fold_of(r, grouped) != g]
+    model = train([rows[i] for i in train_at], s, [bags[i] for i in train_at])
+    print(f"  {_label(s)}: scored fold {g}", file=sys.stderr, flush=True)
     return [(i, model.best_passage(r["text"])[0]) for i, r in enumerate(rows) if fold_of(r, grouped) == g]
 
 
-def cross_validate(rows: list[dict], l2: float, min_df: int, jobs: int = 1, grouped: bool = True) -> list[float]:
+def cross_validate(rows: list[dict], s: FitSettings, jobs: int = 1, grouped: bool = True,
+                   bags=None) -> list[float]:
     """Each row's score by a model trained without its fold."""
-    folds = [(rows, g, l2, min_df, grouped) for g in sorted({fold_of(r, grouped) for r in rows})]
-    if jobs > 1:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            done = pool.map(_fold, folds)
-    else:
-        done = [_fold(f) for f in folds]
+    _SHARED.update(rows=rows, bags=featurised(rows) if bags is None else bags)
+    folds = [(g, s, grouped) for g in sorted({fold_of(r, grouped) for r in rows})]
+    try:
+        if jobs > 1:
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                done = pool.map(_fold, folds)
+        else:
+            done = [_fold(f) for f in folds]
+    finally:
+        _SHARED.clear()
     scores = [0.0] * len(rows)
     for fold in done:
-        for i, s in fold:
-            scores[i] = s
+        for i, score in fold:
+            scores[i] = score
     return scores
 
 
+def _label(s: FitSettings) -> str:
+    return f"l2={s.l2:g} epochs={s.epochs}"
+
+
 def curve(scores: list[float], patterns: list[bool], rows: list[dict]) -> dict:
-    """Leaks caught, patterns OR model, at a few false-alarm rates, each at its own threshold
+    """Leaks caught, patterns and model, at a few false-alarm rates, each at its own threshold
     (shown beside it)."""
     out = {}
     for fa in (0.02, 0.03, 0.04, 0.045, 0.05):
@@ -226,9 +302,10 @@ def write(model: LeakModel, out: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m charbuild.recipe.leak_training")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--l2", type=float, nargs="*", default=[1e-6])
-    ap.add_argument("--min-df", type=int, default=2)
-    ap.add_argument("--max-false-alarms", type=float, default=0.045)
+    ap.add_argument("--l2", type=float, nargs="*", default=[FitSettings.l2])
+    ap.add_argument("--epochs", type=int, nargs="*", default=[FitSettings.epochs])
+    ap.add_argument("--min-df", type=int, default=FitSettings.min_df)
+    ap.add_argument("--max-false-alarms", type=float, default=MAX_FALSE_ALARMS)
     ap.add_argument("--cv-only", action="store_true")
     ap.add_argument("--random-folds", dest="grouped", action="store_false",
                     help="cross-validate on folds drawn by each text's digest instead of folds of whole sets "
@@ -238,31 +315,39 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     files = training_files()
     rows = load(files)
+    bags = featurised(rows)
     patterns = pattern_hits(rows)
     results = {}
     fresh = [i for i, r in enumerate(rows) if r["set"].startswith("train-")]  # sets no pattern was tuned on
-    for l2 in args.l2:
-        scores = cross_validate(rows, l2, args.min_df, args.jobs, args.grouped)
-        t = threshold_for(scores, patterns, rows, args.max_false_alarms)
-        results[l2] = (t, scores, rates(scores, patterns, rows, t))
-        how = "folds of whole sets" if args.grouped else "random folds"
-        print(f"l2={l2:g}: cross-validated ({how}), patterns OR model, threshold {t:.4f}: {results[l2][2]}; "
-              f"caught at a false alarm rate of: all sets {curve(scores, patterns, rows)}, the corpus' sets "
-              f"{curve(*([x[i] for i in fresh] for x in (scores, patterns, rows)))}", flush=True)
-    best = max(args.l2, key=lambda l2: results[l2][2]["caught"] - results[l2][2]["false_alarms"])
-    t, scores, cv = results[best]
+    tried = [FitSettings(l2=l2, epochs=e, min_df=args.min_df) for l2 in args.l2 for e in args.epochs]
+    how = "folds of whole sets" if args.grouped else "random folds"
+    for s in tried:
+        scores = cross_validate(rows, s, args.jobs, args.grouped, bags)
+        for floor in PATTERN_FLOORS:
+            hits = gated(scores, patterns, floor)
+            t = threshold_for(scores, hits, rows, args.max_false_alarms)
+            results[s, floor] = (t, scores, hits, rates(scores, hits, rows, t))
+            print(f"{_label(s)}, pattern floor {floor}: cross-validated ({how}), patterns and model, threshold "
+                  f"{t:.4f}: {results[s, floor][3]}; caught at a false alarm rate of: all sets "
+                  f"{curve(scores, hits, rows)}, the corpus' sets "
+                  f"{curve(*([x[i] for i in fresh] for x in (scores, hits, rows)))}", flush=True)
+    # the most caught within the budget; among equals, the lowest floor (patterns the most say)
+    best, floor = max(results, key=lambda k: (results[k][3]["caught"] - results[k][3]["false_alarms"], -k[1]))
+    t, scores, hits, cv = results[best, floor]
     per_set = {}
     for g in sorted({r["set"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["set"] == g]
-        per_set[g] = rates([scores[i] for i in idx], [patterns[i] for i in idx], [rows[i] for i in idx], t)
-    print(f"chosen l2={best:g}, threshold {t:.4f}; per set, out of fold: {json.dumps(per_set)}")
+        per_set[g] = rates([scores[i] for i in idx], [hits[i] for i in idx], [rows[i] for i in idx], t)
+    print(f"chosen {_label(best)}, pattern floor {floor}, threshold {t:.4f}; per set, out of fold: "
+          f"{json.dumps(per_set)}")
     if args.cv_only:
         return 0
-    model = train(rows, best, args.min_df)
+    model = train(rows, best, bags)
     model.threshold = round(t, 4)
+    model.pattern_floor = floor
     model.meta = {"featuriser": featuriser_digest(),
-                  "trained_on": [str(p.relative_to(DATA)) for p in files], "rows": len(rows), "l2": best,
-                  "min_df": args.min_df, "max_false_alarms": args.max_false_alarms,
+                  "trained_on": [str(p.relative_to(DATA)) for p in files], "rows": len(rows),
+                  "fit": asdict(best), "max_false_alarms": args.max_false_alarms, "pattern_floors": PATTERN_FLOORS,
                   "cv": {"folds": f"{FOLDS} of whole sets" if args.grouped else f"{FOLDS} by text digest", **cv,
                          "per_set": per_set}}
     digest = write(model, args.out)

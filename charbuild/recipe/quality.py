@@ -922,16 +922,17 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
 
 def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> str | None:
     """The passage where a reply talks about its instructions, persona or traits: the
-    patterns, or (`classifier`) the classifier of leak_model.py for phrasings no pattern was
-    written for. With `about_itself` (introspection) the patterns alone judge, under their
-    own rules: the classifier learnt from replies to users, where talk of "my character" is
-    a leak."""
+    patterns and (`classifier`) the classifier of leak_model.py, which catches phrasings no
+    pattern was written for and overrules a pattern's hit where it sees next to no leak
+    (LeakModel.find). With `about_itself` (introspection), or without the classifier, the
+    patterns alone judge, under their own rules: the classifier learnt from replies to
+    users, where talk of "my character" is a leak."""
     found = leak_by_patterns(text, about_itself)
-    if found or about_itself or not classifier or not text:
+    if about_itself or not classifier or not text:
         return found
     from charbuild.recipe.leak_model import packaged  # its weights load on the first reply checked
 
-    return packaged().find(text)
+    return packaged().find(text, found)
 
 
 def detect_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> bool:
