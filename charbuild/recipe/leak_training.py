@@ -66,6 +66,7 @@ import math
 import multiprocessing
 import os
 import sys
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,9 +99,58 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def featurised(rows: list[dict]) -> list[list[tuple[set[str], ...]]]:
-    """Each row's passages, featurised once: every fold and both fits read the same bags."""
-    return [[featurise(p) for p in passages(r["text"])] for r in rows]
+class Featurised:
+    """Every row's passages featurised once, compactly: each feature occurrence an id into
+    `names` (sorted, so a vocabulary's columns keep the names' order) with its bag's weight,
+    1/sqrt(the bag's size), as LeakModel.logit weighs it. Row r owns passages
+    pstart[r]:pstart[r+1]; passage p owns occurrences fstart[p]:fstart[p+1]. The bags as sets
+    of strings took 6 GB for the 16,500 training replies; these arrays take a few hundred MB,
+    shared by the forked fold workers."""
+
+    def __init__(self, rows: list[dict]):
+        index: dict[str, int] = {}
+        ids, wts = array("i"), array("f")
+        fstart, pstart = [0], [0]
+        for r in rows:
+            for p in passages(r["text"]):
+                for bag in featurise(p):
+                    if bag:
+                        ids.extend(index.setdefault(f, len(index)) for f in bag)
+                        wts.extend([1.0 / math.sqrt(len(bag))] * len(bag))
+                fstart.append(len(ids))
+            pstart.append(len(fstart) - 1)
+        by_id = list(index)
+        del index
+        order = sorted(range(len(by_id)), key=by_id.__getitem__)
+        rank = np.empty(len(by_id), dtype=np.int32)
+        rank[order] = np.arange(len(by_id), dtype=np.int32)
+        self.names = [by_id[i] for i in order]
+        self.ids = rank[np.frombuffer(ids, dtype=np.int32)]
+        self.wts = np.frombuffer(wts, dtype=np.float32)
+        self.fstart, self.pstart = np.array(fstart, dtype=np.int64), np.array(pstart, dtype=np.int64)
+
+    def flat(self, rows: np.ndarray, min_df: int) -> tuple["_Flat", list[str]]:
+        """`rows`' passages over their own vocabulary (the features in at least min_df of their
+        bags, as columns in name order), and the vocabulary's names."""
+        ps = _ranges(self.pstart[rows], self.pstart[rows + 1])
+        lens = self.fstart[ps + 1] - self.fstart[ps]
+        occ = _ranges(self.fstart[ps], self.fstart[ps + 1])
+        ids = self.ids[occ]
+        keep = np.bincount(ids, minlength=len(self.names)) >= min_df
+        col = np.cumsum(keep) - 1
+        kept = keep[ids]
+        counts = np.bincount(np.repeat(np.arange(len(ps)), lens)[kept], minlength=len(ps))
+        per_row = self.pstart[rows + 1] - self.pstart[rows]
+        flat = _Flat(col[ids[kept]], self.wts[occ][kept], np.concatenate([[0], np.cumsum(counts)]),
+                     np.concatenate([[0], np.cumsum(per_row)]))
+        return flat, [self.names[i] for i in np.flatnonzero(keep)]
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The concatenation of range(start, end) for each pair."""
+    lens = ends - starts
+    before = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.repeat(starts - before, lens) + np.arange(lens.sum())
 
 
 @dataclass(frozen=True)
@@ -117,63 +167,39 @@ class FitSettings:
     seed: int = 0
 
 
-def build_vocab(bags: list[list[tuple[set[str], ...]]], min_df: int) -> dict[str, int]:
-    df: dict[str, int] = {}
-    for reply in bags:
-        for passage in reply:
-            for bag in passage:
-                for f in bag:
-                    df[f] = df.get(f, 0) + 1
-    return {f: i for i, f in enumerate(sorted(f for f, n in df.items() if n >= min_df))}
-
-
 class _Flat:
     """Replies as flat index arrays: reply r owns passages pstart[r]:pstart[r+1], passage p
-    owns features fstart[p]:fstart[p+1], each feature weighted 1/sqrt(its bag's size) as
-    LeakModel.logit weighs it."""
+    owns features fstart[p]:fstart[p+1] (columns `ids`, weights `wts`)."""
 
-    def __init__(self, bags, vocab):
-        ids, wts, fstart, pstart = [], [], [0], [0]
-        for reply in bags:
-            for passage in reply:
-                for bag in passage:
-                    if bag:
-                        got = [vocab[f] for f in bag if f in vocab]
-                        ids += got
-                        wts += [1.0 / math.sqrt(len(bag))] * len(got)
-                fstart.append(len(ids))
-            pstart.append(len(fstart) - 1)
-        self.ids, self.wts = np.array(ids, dtype=np.int64), np.array(wts, dtype=np.float32)
-        self.fstart, self.pstart = np.array(fstart, dtype=np.int64), np.array(pstart, dtype=np.int64)
+    def __init__(self, ids, wts, fstart, pstart):
+        self.ids, self.wts = ids.astype(np.int64), wts.astype(np.float32)
+        self.fstart, self.pstart = fstart.astype(np.int64), pstart.astype(np.int64)
 
     def batch(self, replies: np.ndarray):
         """EmbeddingBag inputs for `replies`' passages, and each passage's reply in the batch."""
-        ps = [np.arange(self.pstart[r], self.pstart[r + 1]) for r in replies]
-        owner = np.repeat(np.arange(len(replies)), [len(p) for p in ps])
-        ps = np.concatenate(ps)
+        ps = _ranges(self.pstart[replies], self.pstart[replies + 1])
+        owner = np.repeat(np.arange(len(replies)), self.pstart[replies + 1] - self.pstart[replies])
         lens = self.fstart[ps + 1] - self.fstart[ps]
-        feats = np.concatenate([np.arange(self.fstart[p], self.fstart[p + 1]) for p in ps])
+        feats = _ranges(self.fstart[ps], self.fstart[ps + 1])
         offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
         return (torch.from_numpy(self.ids[feats]), torch.from_numpy(self.wts[feats]), torch.from_numpy(offsets),
                 torch.from_numpy(owner))
 
 
-def fit(bags, labels: np.ndarray, vocab: dict[str, int], s: FitSettings) -> tuple[np.ndarray, float]:
+def fit(flat: _Flat, labels: np.ndarray, columns: int, s: FitSettings) -> tuple[np.ndarray, float]:
     """Weights and bias, fitted to each reply's label through its most leak-like passage (the
     max over its passages' logits, as LeakModel scores it): a leak need not be labelled to the
     sentence, and every passage of a clean reply is pushed down only where it is the reply's
     highest. Balanced classes; Adam, `s.epochs` passes; one thread, seeded, so a fit is
-    repeatable."""
-    keep = [i for i, b in enumerate(bags) if b]
-    flat = _Flat([bags[i] for i in keep], vocab)
-    y = torch.tensor(labels[keep], dtype=torch.float32)
-    n, pos = len(y), float(labels[keep].sum())
+    repeatable. Every reply has at least one passage."""
+    y = torch.tensor(labels, dtype=torch.float32)
+    n, pos = len(y), float(labels.sum())
     weight = torch.where(y > 0, 0.5 / pos, 0.5 / (n - pos)) * n
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(s.seed)
-        lin = torch.nn.EmbeddingBag(len(vocab), 1, mode="sum")
+        lin = torch.nn.EmbeddingBag(columns, 1, mode="sum")
         torch.nn.init.zeros_(lin.weight)
         bias = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.Adam([lin.weight, bias], lr=s.lr)
@@ -194,12 +220,15 @@ def fit(bags, labels: np.ndarray, vocab: dict[str, int], s: FitSettings) -> tupl
         torch.set_num_threads(threads)
 
 
-def train(rows: list[dict], s: FitSettings, bags=None) -> LeakModel:
-    bags = featurised(rows) if bags is None else bags
-    vocab = build_vocab(bags, s.min_df)
-    w, b = fit(bags, np.array([1.0 if r["leak"] else 0.0 for r in rows]), vocab, s)
-    inv = sorted(vocab, key=vocab.get)
-    return LeakModel({f: round(float(w[i]), 4) for i, f in enumerate(inv) if abs(w[i]) >= 1e-3}, round(b, 4), 0.5)
+def train(rows: list[dict], s: FitSettings, feats: Featurised | None = None, at=None) -> LeakModel:
+    """A model fitted to rows[at] (every row by default); `feats` is Featurised(rows), where
+    the caller has it."""
+    feats = Featurised(rows) if feats is None else feats
+    at = np.arange(len(rows)) if at is None else np.asarray(at, dtype=np.int64)
+    at = at[feats.pstart[at + 1] > feats.pstart[at]]  # an empty reply has no passage to score
+    flat, names = feats.flat(at, s.min_df)
+    w, b = fit(flat, np.array([1.0 if rows[i]["leak"] else 0.0 for i in at]), len(names), s)
+    return LeakModel({f: round(float(x), 4) for f, x in zip(names, w) if abs(x) >= 1e-3}, round(b, 4), 0.5)
 
 
 def pattern_hits(rows: list[dict]) -> list[bool]:
@@ -247,22 +276,21 @@ def fold_of(row: dict, grouped: bool) -> str:
     return str(int(hashlib.sha256((row["set"] if grouped else row["text"]).encode()).hexdigest(), 16) % FOLDS)
 
 
-_SHARED: dict = {}  # the rows and their bags, handed to forked fold workers without pickling
+_SHARED: dict = {}  # the rows and their features, handed to forked fold workers without pickling
 
 
 def _fold(args) -> list[tuple[int, float]]:
     g, s, grouped = args
-    rows, bags = _SHARED["rows"], _SHARED["bags"]
-    train_at = [i for i, r in enumerate(rows) if fold_of(r, grouped) != g]
-    model = train([rows[i] for i in train_at], s, [bags[i] for i in train_at])
+    rows, feats = _SHARED["rows"], _SHARED["feats"]
+    model = train(rows, s, feats, [i for i, r in enumerate(rows) if fold_of(r, grouped) != g])
     print(f"  {_label(s)}: scored fold {g}", file=sys.stderr, flush=True)
     return [(i, model.best_passage(r["text"])[0]) for i, r in enumerate(rows) if fold_of(r, grouped) == g]
 
 
 def cross_validate(rows: list[dict], s: FitSettings, jobs: int = 1, grouped: bool = True,
-                   bags=None) -> list[float]:
+                   feats: Featurised | None = None) -> list[float]:
     """Each row's score by a model trained without its fold."""
-    _SHARED.update(rows=rows, bags=featurised(rows) if bags is None else bags)
+    _SHARED.update(rows=rows, feats=Featurised(rows) if feats is None else feats)
     folds = [(g, s, grouped) for g in sorted({fold_of(r, grouped) for r in rows})]
     try:
         if jobs > 1:
@@ -315,14 +343,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     files = training_files()
     rows = load(files)
-    bags = featurised(rows)
+    feats = Featurised(rows)
     patterns = pattern_hits(rows)
     results = {}
     fresh = [i for i, r in enumerate(rows) if r["set"].startswith("train-")]  # sets no pattern was tuned on
     tried = [FitSettings(l2=l2, epochs=e, min_df=args.min_df) for l2 in args.l2 for e in args.epochs]
     how = "folds of whole sets" if args.grouped else "random folds"
     for s in tried:
-        scores = cross_validate(rows, s, args.jobs, args.grouped, bags)
+        scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
         for floor in PATTERN_FLOORS:
             hits = gated(scores, patterns, floor)
             t = threshold_for(scores, hits, rows, args.max_false_alarms)
@@ -342,7 +370,7 @@ def main(argv=None) -> int:
           f"{json.dumps(per_set)}")
     if args.cv_only:
         return 0
-    model = train(rows, best, bags)
+    model = train(rows, best, feats)
     model.threshold = round(t, 4)
     model.pattern_floor = floor
     model.meta = {"featuriser": featuriser_digest(),
