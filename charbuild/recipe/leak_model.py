@@ -206,7 +206,7 @@ class LeakModel:
     @classmethod
     def from_json(cls, raw: bytes) -> "LeakModel":
         d = json.loads(raw)
-        # files before model 1635ce0a have no floor: their patterns stood alone
+        # files before model a8a81a30 have no floor: their patterns stood alone
         return cls(d["weights"], d["bias"], d["threshold"], d.get("meta"), d.get("pattern_floor", 0.0))
 
 

@@ -99,13 +99,33 @@ def load(paths: list[Path]) -> list[dict]:
     return rows
 
 
+class _Flat:
+    """Replies as flat arrays: reply r owns passages pstart[r]:pstart[r+1]; passage p owns the
+    feature occurrences fstart[p]:fstart[p+1], each a column `ids` with its bag's weight `wts`,
+    1/sqrt(the bag's size), as LeakModel.logit weighs it."""
+
+    def __init__(self, ids: np.ndarray, wts: np.ndarray, fstart: np.ndarray, pstart: np.ndarray):
+        self.ids, self.wts, self.fstart, self.pstart = ids, wts, fstart, pstart
+
+    def select(self, replies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The passages of `replies`, and their feature occurrences, in order."""
+        ps = _ranges(self.pstart[replies], self.pstart[replies + 1])
+        return ps, _ranges(self.fstart[ps], self.fstart[ps + 1])
+
+    def batch(self, replies: np.ndarray):
+        """EmbeddingBag inputs for `replies`' passages, and each passage's reply in the batch."""
+        ps, occ = self.select(replies)
+        owner = np.repeat(np.arange(len(replies)), self.pstart[replies + 1] - self.pstart[replies])
+        offsets = np.concatenate([[0], np.cumsum(self.fstart[ps + 1] - self.fstart[ps])[:-1]])
+        return (torch.from_numpy(self.ids[occ].astype(np.int64)), torch.from_numpy(self.wts[occ]),
+                torch.from_numpy(offsets), torch.from_numpy(owner))
+
+
 class Featurised:
-    """Every row's passages featurised once, compactly: each feature occurrence an id into
-    `names` (sorted, so a vocabulary's columns keep the names' order) with its bag's weight,
-    1/sqrt(the bag's size), as LeakModel.logit weighs it. Row r owns passages
-    pstart[r]:pstart[r+1]; passage p owns occurrences fstart[p]:fstart[p+1]. The bags as sets
-    of strings took 6 GB for the 16,500 training replies; these arrays take a few hundred MB,
-    shared by the forked fold workers."""
+    """Every row's passages featurised once, compactly (`all`, over every feature seen, its
+    ids into `names`, which are sorted so that a vocabulary's columns keep the names' order).
+    The bags as sets of strings took 6 GB for the 16,500 training replies; these arrays take a
+    few hundred MB, shared by the forked fold workers."""
 
     def __init__(self, rows: list[dict]):
         index: dict[str, int] = {}
@@ -125,25 +145,27 @@ class Featurised:
         rank = np.empty(len(by_id), dtype=np.int32)
         rank[order] = np.arange(len(by_id), dtype=np.int32)
         self.names = [by_id[i] for i in order]
-        self.ids = rank[np.frombuffer(ids, dtype=np.int32)]
-        self.wts = np.frombuffer(wts, dtype=np.float32)
-        self.fstart, self.pstart = np.array(fstart, dtype=np.int64), np.array(pstart, dtype=np.int64)
+        self.all = _Flat(rank[np.frombuffer(ids, dtype=np.int32)], np.frombuffer(wts, dtype=np.float32),
+                         np.array(fstart, dtype=np.int64), np.array(pstart, dtype=np.int64))
 
-    def flat(self, rows: np.ndarray, min_df: int) -> tuple["_Flat", list[str]]:
+    def flat(self, rows: np.ndarray, min_df: int) -> tuple[_Flat, list[str]]:
         """`rows`' passages over their own vocabulary (the features in at least min_df of their
         bags, as columns in name order), and the vocabulary's names."""
-        ps = _ranges(self.pstart[rows], self.pstart[rows + 1])
-        lens = self.fstart[ps + 1] - self.fstart[ps]
-        occ = _ranges(self.fstart[ps], self.fstart[ps + 1])
-        ids = self.ids[occ]
+        a = self.all
+        ps, occ = a.select(rows)
+        ids = a.ids[occ]
         keep = np.bincount(ids, minlength=len(self.names)) >= min_df
-        col = np.cumsum(keep) - 1
         kept = keep[ids]
-        counts = np.bincount(np.repeat(np.arange(len(ps)), lens)[kept], minlength=len(ps))
-        per_row = self.pstart[rows + 1] - self.pstart[rows]
-        flat = _Flat(col[ids[kept]], self.wts[occ][kept], np.concatenate([[0], np.cumsum(counts)]),
-                     np.concatenate([[0], np.cumsum(per_row)]))
+        col = np.cumsum(keep) - 1
+        per_passage = np.bincount(np.repeat(np.arange(len(ps)), a.fstart[ps + 1] - a.fstart[ps])[kept],
+                                  minlength=len(ps))
+        flat = _Flat(col[ids[kept]], a.wts[occ][kept], np.concatenate([[0], np.cumsum(per_passage)]),
+                     np.concatenate([[0], np.cumsum(a.pstart[rows + 1] - a.pstart[rows])]))
         return flat, [self.names[i] for i in np.flatnonzero(keep)]
+
+    def has_text(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` have a passage to score (an empty reply has none)."""
+        return self.all.pstart[rows + 1] > self.all.pstart[rows]
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -165,25 +187,6 @@ class FitSettings:
     lr: float = 0.01
     batch: int = 512
     seed: int = 0
-
-
-class _Flat:
-    """Replies as flat index arrays: reply r owns passages pstart[r]:pstart[r+1], passage p
-    owns features fstart[p]:fstart[p+1] (columns `ids`, weights `wts`)."""
-
-    def __init__(self, ids, wts, fstart, pstart):
-        self.ids, self.wts = ids.astype(np.int64), wts.astype(np.float32)
-        self.fstart, self.pstart = fstart.astype(np.int64), pstart.astype(np.int64)
-
-    def batch(self, replies: np.ndarray):
-        """EmbeddingBag inputs for `replies`' passages, and each passage's reply in the batch."""
-        ps = _ranges(self.pstart[replies], self.pstart[replies + 1])
-        owner = np.repeat(np.arange(len(replies)), self.pstart[replies + 1] - self.pstart[replies])
-        lens = self.fstart[ps + 1] - self.fstart[ps]
-        feats = _ranges(self.fstart[ps], self.fstart[ps + 1])
-        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        return (torch.from_numpy(self.ids[feats]), torch.from_numpy(self.wts[feats]), torch.from_numpy(offsets),
-                torch.from_numpy(owner))
 
 
 def fit(flat: _Flat, labels: np.ndarray, columns: int, s: FitSettings) -> tuple[np.ndarray, float]:
@@ -225,7 +228,7 @@ def train(rows: list[dict], s: FitSettings, feats: Featurised | None = None, at=
     the caller has it."""
     feats = Featurised(rows) if feats is None else feats
     at = np.arange(len(rows)) if at is None else np.asarray(at, dtype=np.int64)
-    at = at[feats.pstart[at + 1] > feats.pstart[at]]  # an empty reply has no passage to score
+    at = at[feats.has_text(at)]
     flat, names = feats.flat(at, s.min_df)
     w, b = fit(flat, np.array([1.0 if rows[i]["leak"] else 0.0 for i in at]), len(names), s)
     return LeakModel({f: round(float(x), 4) for f, x in zip(names, w) if abs(x) >= 1e-3}, round(b, 4), 0.5)
