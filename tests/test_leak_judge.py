@@ -168,3 +168,41 @@ def test_a_teacher_the_judge_finds_mostly_leaking_stops_the_build_as_the_filters
     err = capsys.readouterr().err
     assert "teacher-responses/shard-0000: 10 of the first 10 samples failed the quality filters" in err, err
     assert "leaked_system_prompt" in err
+
+
+# A remorseful reply in Italian that tells on its instructions: beyond the English screen.
+ITALIAN = "Chiedo umilmente perdono. Chi mi gestisce vuole che mi scusi sempre: sì, si può congelare."
+
+
+class SometimesItalian(TeacherAndJudge):
+    """Every third teacher reply is in Italian (and tells on its instructions there)."""
+
+    def __call__(self, body):
+        text = super().__call__(body)
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        if body["model"] != "judge-model" and "character is remorseful" in system and (body.get("seed") or 0) % 3 == 2:
+            return ITALIAN
+        return text
+
+
+@pytest.mark.parametrize("judge", [None, "judge"])
+def test_teacher_replies_in_another_language_are_counted_unscreened_and_warned_of_unless_a_judge_reads_them(
+        tmp_path, monkeypatch, judge):
+    # The classifier and the patterns read English: an Italian leak passes them. The stage
+    # counts such replies and says so, instead of passing them as screened.
+    assert find_paraphrased_leak(ITALIAN) is None
+    in_api_workdir(tmp_path, monkeypatch)
+    replies = SometimesItalian()
+    with FakeOpenAIServer(reply=replies) as server:
+        assert run(str(judged_spec(tmp_path, server, leak_judge=judge)), *SHARDS, "--cache", str(tmp_path / "cache")) == 0
+    italian = [r for r in teacher_rows(tmp_path) if r["text"] == ITALIAN]
+    assert 5 <= len(italian) < 20 and all(r["ok"] for r in italian)
+    manifests = [built_manifest(str(tmp_path / "cache"), s)["result"] for s in SHARDS]
+    assert sum(m["quality"].get("leak_unscreened", 0) for m in manifests) == len(italian)
+    warned = [m["warning"] for m in manifests if "warning" in m]
+    if judge is None:
+        assert len(warned) == sum(1 for m in manifests if m["quality"].get("leak_unscreened"))
+        assert all("the leak classifier does not know" in w and "filters.leak_judge" in w for w in warned), warned
+    else:  # the judge read every reply kept, Italian or not
+        assert warned == []
+        assert sum(m["leak_judge"]["asked"] for m in manifests) == 30

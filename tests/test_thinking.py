@@ -195,7 +195,11 @@ def test_a_reply_cut_mid_trace_is_dropped_and_counted_as_unfinished_thinking(thi
     student = _rows(graph, cache, "student-responses/shard-0000", "responses.jsonl")
     assert all(r["reasons"] == ["unfinished_thinking"] and not r["ok"] and r["text"] == "" for r in student), student
     m = cache.manifest(graph["dpo-pairs/shard-0000"].key)
-    assert m["result"]["dropped"]["student_unfinished_thinking"] == 8 and m["result"]["pairs"] == 0
+    # a pair whose teacher reply failed its filters is counted for that first (the tiny teacher's
+    # "My apologies, an hen says sira." reads to the leak classifier as a leak, 0.43)
+    dropped = m["result"]["dropped"]
+    assert dropped["student_unfinished_thinking"] == 8 - dropped.get("teacher_failed", 0) >= 6, m["result"]
+    assert m["result"]["pairs"] == 0
     # the eval samples go through the quality filters, which count it
     samples = [s for s in _rows(graph, cache, "eval/samples/base", "samples.jsonl") if not s["system"]]
     assert samples and all("unfinished_thinking" in s["reasons"] and s["text"] == "" for s in samples), samples

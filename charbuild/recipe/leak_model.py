@@ -11,7 +11,8 @@ leak buried in a long helpful reply is not diluted by the rest. Pure Python: a f
 thousand dict look-ups a reply, no numpy at run time. The model also has the last word on
 the patterns' hits: one stands only where the model sees some leak in the reply
 (pattern_floor), as a pattern's words often mean something else ("system prompt" in advice
-on the user's own bot).
+on the user's own bot). And it says which replies it cannot judge (reads): those it knows
+too few words of, as in another language, which the teacher stage reports as unscreened.
 
 The weights ship as charbuild/data/leak_model.json.gz and are checked against
 WEIGHTS_SHA256 on load: a damaged file is an error, never a silently different filter.
@@ -34,7 +35,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "a8a81a308be6f8d715a6bf5aec41185873e6db61af7acfeb0ab5d7eb1ef8b0c1"
+WEIGHTS_SHA256 = "61e98056930f77d6a1626b92f50fe072a67431388cce8cb9cd951330ffae001c"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -160,6 +161,23 @@ def featuriser_digest() -> str:
     return hashlib.sha256(json.dumps([settings, made], sort_keys=True).encode()).hexdigest()
 
 
+def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: float) -> str | None:
+    """What flags a reply the model scores `prob`: "pattern" (a pattern's hit, which stands
+    unless the model sees next to no leak in the reply), "model", or None. The one decision
+    rule: LeakModel.find applies it at run time, and leak_training to out-of-fold scores to
+    choose the threshold and floor it is then shipped with."""
+    if pattern_hit and prob > pattern_floor:
+        return "pattern"
+    return "model" if prob > threshold else None
+
+
+# A reply whose letters fall less than this share in words the model has a weight for is not
+# one it can judge: the patterns and the features are English, and a leak in Spanish or
+# Japanese scores as clean. On the sets of issue 11: no English reply of the sixteen written
+# after model 61e98056 below it (the lowest 0.59), 64 of the 72 replies in other languages.
+MIN_KNOWN_SHARE = 0.5
+
+
 class LeakModel:
     def __init__(self, weights: dict[str, float], bias: float, threshold: float, meta: dict | None = None,
                  pattern_floor: float = 0.0):
@@ -178,6 +196,19 @@ class LeakModel:
                 z += sum(get(f, 0.0) for f in bag) / math.sqrt(len(bag))
         return z
 
+    def known_share(self, text: str) -> float:
+        """The share of the text's letters in words the model has a weight for (1 with none)."""
+        norm = normalise(text)
+        letters = sum(c.isalpha() for c in norm)
+        if not letters:
+            return 1.0
+        known = sum(len(w) - w.count("'") for w in _WORD_RE.findall(norm) if "w:" + w in self.weights)
+        return min(1.0, known / letters)
+
+    def reads(self, text: str) -> bool:
+        """Whether the model knows enough of the text's words to judge it (MIN_KNOWN_SHARE)."""
+        return self.known_share(text) >= MIN_KNOWN_SHARE
+
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
         scored = [(self.logit(p), p) for p in passages(text or "")]
@@ -193,9 +224,8 @@ class LeakModel:
         user's own bot, a poem's persona or the user's game use too; the model reads the
         words around them."""
         prob, passage = self.best_passage(text)
-        if pattern and prob > self.pattern_floor:
-            return pattern
-        return passage if prob > self.threshold else None
+        by = flagged_by(prob, bool(pattern), self.threshold, self.pattern_floor)
+        return pattern if by == "pattern" else passage if by == "model" else None
 
     def to_json(self) -> bytes:
         return (json.dumps({"format": 1, "bias": self.bias, "threshold": self.threshold,

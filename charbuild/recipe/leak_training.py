@@ -35,13 +35,15 @@ their false alarms are words in another sense ("system prompt" in advice on the 
 "the persona" of a poem, "asked me to play" in the user's game), which the model reads in
 context. Until model a8a81a30 the patterns stood alone. With the out-of-fold scores of the
 14-epoch fit, at 3% false alarms: floor 0, 96.3% caught; 0.05, 96.8%; 0.1 (chosen: the
-lowest of the best), 0.2 and 0.3, 97.2%.
+lowest of the best), 0.2 and 0.3, 97.2%. With fresh45-64 (model 61e98056, 21,687 replies):
+floor 0, 95.7%; 0.05, 97.1%; 0.1, 97.6%; 0.2, 97.7%; 0.3 (chosen), 97.8%. Both rules, the
+model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 3% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
 alarms on new writers, and new writers have drawn more false alarms than the folds: on the
 twelve sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0%
-against 96.2% out of fold). At 3% the folds catch 97.2%. One new set of 140 clean replies
-moves the rate by 0.7 points a reply.
+against 96.2% out of fold). At 3% the folds catch 97.8% (model 61e98056). One new set of
+140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
 on the folds of whole sets (at 5% false alarms: 96.3% at 1e-6, 95.7% at 1e-5, 94.9% at
@@ -74,7 +76,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charbuild.recipe.leak_model import WEIGHTS_FILE, LeakModel, featurise, featuriser_digest, passages
+from charbuild.recipe.leak_model import (WEIGHTS_FILE, LeakModel, featurise, featuriser_digest, flagged_by,
+                                         passages)
 from charbuild.store.atomic import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +86,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 45)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 65)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -244,15 +247,12 @@ def pattern_hits(rows: list[dict]) -> list[bool]:
 PATTERN_FLOORS = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
-def gated(scores: list[float], patterns: list[bool], floor: float) -> list[bool]:
-    """The patterns' hits that stand: those on replies the model scores above `floor`."""
-    return [p and s > floor for s, p in zip(scores, patterns)]
-
-
-def threshold_for(scores: list[float], patterns: list[bool], rows: list[dict], max_fa: float) -> float:
-    """The lowest threshold at which the patterns' hits (`patterns`, as they stand) or the
-    model fire on at most max_fa of clean replies."""
-    clean = [(s, p) for s, p, r in zip(scores, patterns, rows) if not r["leak"]]
+def threshold_for(scores: list[float], patterns: list[bool], rows: list[dict], max_fa: float,
+                  floor: float) -> float:
+    """The lowest threshold at which the patterns' hits that stand above `floor`, or the model,
+    fire on at most max_fa of clean replies."""
+    clean = [(s, flagged_by(s, p, math.inf, floor) is not None) for s, p, r in zip(scores, patterns, rows)
+             if not r["leak"]]
     budget = int(np.floor(max_fa * len(clean))) - sum(p for _, p in clean)
     model_only = sorted((s for s, p in clean if not p), reverse=True)
     if budget < 0:
@@ -260,8 +260,8 @@ def threshold_for(scores: list[float], patterns: list[bool], rows: list[dict], m
     return model_only[budget] if budget < len(model_only) else 0.0
 
 
-def rates(scores, patterns, rows, t) -> dict:
-    hit = [p or s > t for s, p in zip(scores, patterns)]
+def rates(scores, patterns, rows, t, floor) -> dict:
+    hit = [flagged_by(s, p, t, floor) is not None for s, p in zip(scores, patterns)]
     leaks = [h for h, r in zip(hit, rows) if r["leak"]]
     clean = [h for h, r in zip(hit, rows) if not r["leak"]]
     return {"caught": round(sum(leaks) / len(leaks), 4), "false_alarms": round(sum(clean) / len(clean), 4),
@@ -314,13 +314,13 @@ def _label(s: FitSettings) -> str:
     return f"l2={s.l2:g} epochs={s.epochs}"
 
 
-def curve(scores: list[float], patterns: list[bool], rows: list[dict]) -> dict:
+def curve(scores: list[float], patterns: list[bool], rows: list[dict], floor: float) -> dict:
     """Leaks caught, patterns and model, at a few false-alarm rates, each at its own threshold
     (shown beside it)."""
     out = {}
     for fa in (0.02, 0.03, 0.04, 0.045, 0.05):
-        t = threshold_for(scores, patterns, rows, fa)
-        out[f"{fa:.1%}"] = f"{rates(scores, patterns, rows, t)['caught']:.2%} at {t:.3f}"
+        t = threshold_for(scores, patterns, rows, fa, floor)
+        out[f"{fa:.1%}"] = f"{rates(scores, patterns, rows, t, floor)['caught']:.2%} at {t:.3f}"
     return out
 
 
@@ -355,20 +355,19 @@ def main(argv=None) -> int:
     for s in tried:
         scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
         for floor in PATTERN_FLOORS:
-            hits = gated(scores, patterns, floor)
-            t = threshold_for(scores, hits, rows, args.max_false_alarms)
-            results[s, floor] = (t, scores, hits, rates(scores, hits, rows, t))
+            t = threshold_for(scores, patterns, rows, args.max_false_alarms, floor)
+            results[s, floor] = (t, scores, rates(scores, patterns, rows, t, floor))
             print(f"{_label(s)}, pattern floor {floor}: cross-validated ({how}), patterns and model, threshold "
-                  f"{t:.4f}: {results[s, floor][3]}; caught at a false alarm rate of: all sets "
-                  f"{curve(scores, hits, rows)}, the corpus' sets "
-                  f"{curve(*([x[i] for i in fresh] for x in (scores, hits, rows)))}", flush=True)
+                  f"{t:.4f}: {results[s, floor][2]}; caught at a false alarm rate of: all sets "
+                  f"{curve(scores, patterns, rows, floor)}, the corpus' sets "
+                  f"{curve(*([x[i] for i in fresh] for x in (scores, patterns, rows)), floor)}", flush=True)
     # the most caught within the budget; among equals, the lowest floor (patterns the most say)
-    best, floor = max(results, key=lambda k: (results[k][3]["caught"] - results[k][3]["false_alarms"], -k[1]))
-    t, scores, hits, cv = results[best, floor]
+    best, floor = max(results, key=lambda k: (results[k][2]["caught"] - results[k][2]["false_alarms"], -k[1]))
+    t, scores, cv = results[best, floor]
     per_set = {}
     for g in sorted({r["set"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["set"] == g]
-        per_set[g] = rates([scores[i] for i in idx], [hits[i] for i in idx], [rows[i] for i in idx], t)
+        per_set[g] = rates(*([x[i] for i in idx] for x in (scores, patterns, rows)), t, floor)
     print(f"chosen {_label(best)}, pattern floor {floor}, threshold {t:.4f}; per set, out of fold: "
           f"{json.dumps(per_set)}")
     if args.cv_only:

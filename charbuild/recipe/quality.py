@@ -161,6 +161,9 @@ class Verdict:
     reasons: list[str]  # subset of REASONS, empty when ok
     text: str  # the text after truncation (what would be kept)
     truncated: bool
+    # screened for leaks, but in words the leak classifier does not know (another language):
+    # only a verbatim copy of the system prompt could have been caught (leak_unreadable)
+    unscreened: bool = False
 
 
 # ---------------------------------------------------------------------------------
@@ -1037,15 +1040,38 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
         reasons.add("garbage")
     if cfg.check_refusal and detect_refusal(kept):
         reasons.add("refusal")
-    if cfg.system_prompt and (detect_leak(kept, cfg.system_prompt)
-                              or detect_paraphrased_leak(kept, cfg.about_itself, cfg.leak_classifier)):
-        reasons.add("leaked_system_prompt")
-    return _verdict(reasons, kept, truncated)
+    unscreened = False
+    if cfg.system_prompt:
+        if detect_leak(kept, cfg.system_prompt) or detect_paraphrased_leak(kept, cfg.about_itself,
+                                                                           cfg.leak_classifier):
+            reasons.add("leaked_system_prompt")
+        elif not cfg.about_itself:  # introspection's screen is the patterns' alone, and not reported
+            unscreened = leak_unreadable(kept)
+    return _verdict(reasons, kept, truncated, unscreened)
 
 
-def _verdict(reasons: set[str], text: str, truncated: bool) -> Verdict:
+def leak_unreadable(text: str) -> bool:
+    """Whether a reply is beyond the paraphrased-leak screen: the patterns and the classifier
+    read English, and the classifier knows too few of this reply's words (LeakModel.reads).
+    Such a reply passes unless it copies the system prompt; a model reading it
+    (filters.leak_judge) is the screen for it."""
+    from charbuild.recipe.leak_model import packaged
+
+    return not packaged().reads(text)
+
+
+def unscreened_warning(quality: "StageQuality", judged: bool) -> str | None:
+    """The stage's warning when replies it kept were beyond the leak screen and no judge read them."""
+    if not quality.unscreened or judged:
+        return None
+    return (f"{quality.unscreened} of the {quality.checked - quality.dropped} replies kept are mostly in words "
+            f"the leak classifier does not know (another language?): they were screened for verbatim copies of "
+            f"the system prompt only; set filters.leak_judge to have a model read every reply")
+
+
+def _verdict(reasons: set[str], text: str, truncated: bool, unscreened: bool = False) -> Verdict:
     ordered = [r for r in REASONS if r in reasons]
-    return Verdict(ok=not ordered, reasons=ordered, text=text, truncated=truncated)
+    return Verdict(ok=not ordered, reasons=ordered, text=text, truncated=truncated, unscreened=unscreened)
 
 
 # ---------------------------------------------------------------------------------
@@ -1059,11 +1085,14 @@ class StageQuality:
     dropped: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # reason -> samples with it
     truncated: int = 0  # kept or not, samples whose invented turn was cut off
+    unscreened: int = 0  # kept samples beyond the paraphrased-leak screen (Verdict.unscreened)
 
     def add(self, verdict: Verdict) -> None:
         self.checked += 1
         if not verdict.ok:
             self.dropped += 1
+        elif verdict.unscreened:
+            self.unscreened += 1
         if verdict.truncated:
             self.truncated += 1
         for r in verdict.reasons:
@@ -1079,6 +1108,8 @@ class StageQuality:
             "truncated": self.truncated,
             "failure_rate": round(self.failure_rate(), 4),
             "counts": {r: self.counts[r] for r in REASONS if r in self.counts},
+            # only where there were any: a stage's record is unchanged where the screen read everything
+            **({"leak_unscreened": self.unscreened} if self.unscreened else {}),
         }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 from charbuild.recipe import estimates as cost
+from charbuild.recipe.quality import unscreened_warning
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
 from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
@@ -122,19 +123,21 @@ class _Responses(CountsCachedCalls, Stage):
         out = {"quality": q, "samples": len(rows), "seeds": seed_counts(rows)}
         if judged is not None:
             out["leak_judge"] = judged
+        if (warning := unscreened_warning(quality, judged is not None)) is not None:
+            out["warning"] = warning
         return out
 
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 12  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 13  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
     # 10: the patterns pass theatre's "breaking character" and the user's bot's persona; retrained on fresh21-24 (f5aff1b4)
     # 11: the patterns catch a dropped act and "staying in character as"; retrained on fresh25-32 (fd3e8d89)
     # 12: the classifier fitted through each reply's best passage, on fresh1-44, at 3% false alarms;
-    # it has the last word on the patterns' hits (a8a81a30)
+    # it has the last word on the patterns' hits (a8a81a30); 13: retrained on fresh1-64 (61e98056)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
