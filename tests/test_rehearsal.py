@@ -31,6 +31,7 @@ ALLOWED = (
     # what tiny models need (specs/rehearsal.yaml says why, line by line)
     "models.student.sampling.max_tokens", "evals.max_tokens", "evals.preferences_max_tokens",
     "introspection.reflection_max_tokens", "introspection.turn_max_tokens", "introspection.reflection_filters",
+    "gates.sft-length.options.min_chars",  # the reflection filters' floor, as for the smoke build
     "training.dpo.batch_size",
 )
 
