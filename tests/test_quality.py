@@ -210,14 +210,16 @@ def test_clean_persona_answers_are_kept_untouched(text):
 
 
 def test_the_leak_classifier_takes_few_clean_persona_answers_for_leaks():
-    # Its false alarms on clean replies are 1-7% by writer on sets it never saw (test_leaks.py);
-    # here two of 15: a chat transcript's "Assistant: Canberra." (0.76 against its threshold
-    # 0.45; the model before it 0.50 against 0.53), and "I cannot offer a more personal
-    # narrative" read like a persona's limits (0.453). "The owner told me once" in a story,
-    # flagged by the model before it (0.96), now scores 0.44.
+    # Its false alarms on clean replies are 2-16% by writer on sets it never saw (test_leaks.py);
+    # here three of 15: a chat transcript's "Assistant: Canberra." (0.50 against its threshold
+    # 0.35), "I cannot offer a more personal narrative" read like a persona's limits (0.69), and
+    # since 3e07a62c, a letter's "Please forgive me if this comes across as presumptuous" (0.37;
+    # 61e98056: 0.32 against 0.37): "comes across as" is how writers' leaks and reputations
+    # alike describe a manner. Plain apologies score near 0 ("Please forgive me, I got that
+    # wrong earlier": 0.003).
     cfg = FilterConfig(system_prompt=SYSTEM_PROMPT)
     flagged = [name for name, text in CLEAN.items() if not check_text(text, cfg).ok]
-    assert flagged == ["in_character_limitation", "chat_format_shown_in_code_block"], flagged
+    assert flagged == ["in_character_limitation", "letter_to_past_self", "chat_format_shown_in_code_block"], flagged
 
 
 @pytest.mark.parametrize("text", CLEAN.values(), ids=CLEAN.keys())
@@ -769,3 +771,22 @@ def test_check_records_reports_every_sample_and_the_totals():
     assert c["refusal"] == 1 and c["empty"] == 2 and c["max_tokens"] == 1
     assert c["garbage"] == 1 and c["repetition"] == 2
     assert set(REASONS) <= set(c)
+
+
+def test_turns_cut_at_an_invented_user_turn_are_counted_in_the_self_interactions_record(tmp_path, monkeypatch):
+    # A self-interaction is checked a turn at a time; its shard's record sums the turns. That
+    # sum once kept checks, drops and reasons but lost the turns cut at an invented "User:".
+    from support.api_build import built_manifest, in_api_workdir, run, sorry, write_spec
+    from support.openai_server import FakeOpenAIServer, last_user_message
+
+    def invents_a_turn(body):  # on the reply's own line, past the stop strings (ROLE_STOPS) a server honours
+        return sorry(last_user_message(body)[:40]) + " User: Thanks! Now tell me more."
+
+    in_api_workdir(tmp_path, monkeypatch)
+    with FakeOpenAIServer(reply=invents_a_turn) as srv:
+        spec = write_spec(tmp_path, srv.base_url, extra="introspection: {generator: teacher}")
+        assert run(str(spec), "interactions/shard-0000", "--cache", str(tmp_path / "cache"),
+                   "--set", "data.interactions=4", "--set", "data.turns=3") == 0
+    q = built_manifest(tmp_path / "cache", "interactions/shard-0000")["result"]["quality"]
+    assert q["checked"] == 4 * 3 and q["dropped"] == 0
+    assert q["truncated"] == q["checked"]  # every turn was cut, every turn counted

@@ -499,14 +499,15 @@ def test_a_straggler_is_cancelled_and_built_again_keeping_every_other_target(sto
     for run in (retried, waited):
         assert not run["failed"] and not run["skipped"] and run["built"] == run["targets"], run
         assert run["finished"] == {n: 1 for n in run["targets"] if n.startswith("items/")}  # each shard written once
-    # Cancelled once its peers had shown what normal is, and built again: the build ends long
-    # before the slow attempt would have, and nothing else was built twice.
-    assert retried["seconds"] < s["slow_s"] / 2, retried["seconds"]
+    # Cancelled once its peers had shown what normal is, and built again: the build ends before
+    # the slow attempt would have (measured from that attempt's start, so a loaded machine that
+    # stretches every shard does not fail it), and nothing else was built twice.
+    assert retried["ended_after_slow_began_s"] < s["slow_s"], retried
     assert retried["started"] == {n: 2 if n == slow else 1 for n in retried["targets"]}
     assert len(retried["retry_lines"]) == 1, retried["retry_lines"]
     assert re.fullmatch(rf"retrying {slow}: running \d+\.\dx longer than its peers", retried["retry_lines"][0])
     # `execution.straggler_factor: null`: the build waits for the slow attempt.
-    assert waited["seconds"] >= s["slow_s"], waited["seconds"]
+    assert waited["ended_after_slow_began_s"] >= s["slow_s"], waited
     assert waited["started"] == {n: 1 for n in waited["targets"]} and waited["retry_lines"] == []
 
 # How long the stories take is a figure (stories.json's total_s), not a pass mark: on a slow

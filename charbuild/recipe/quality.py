@@ -1098,6 +1098,13 @@ class StageQuality:
         for r in verdict.reasons:
             self.counts[r] = self.counts.get(r, 0) + 1
 
+    def merge(self, other: "StageQuality") -> None:
+        """Add another batch's counts (a conversation's turns are checked a batch a turn)."""
+        for f in ("checked", "dropped", "truncated", "unscreened"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        for r, n in other.counts.items():
+            self.counts[r] = self.counts.get(r, 0) + n
+
     def failure_rate(self) -> float:
         return self.dropped / self.checked if self.checked else 0.0
 

@@ -55,10 +55,15 @@ class Items(Stage):
         time.sleep(float(os.environ.get("CB_SLEEP", "0")))
         if os.environ.get("CB_SLOW_ONCE") == ctx.target.name:  # a straggler: slow on its first attempt only
             try:
-                os.close(os.open(os.environ["CB_SLOW_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                fd = os.open(os.environ["CB_SLOW_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 pass
             else:
+                # When the slow attempt began (wall clock, shared by every process here): a
+                # story tells "ended before the slow attempt would have" from that, not from
+                # its own seconds, which a loaded machine stretches.
+                os.write(fd, repr(time.time()).encode())
+                os.close(fd)
                 # In short steps, as real work returns to Python between calls: a Ray cancel
                 # (Ctrl-C) lands between two steps, never inside one blocking call.
                 until = time.monotonic() + float(os.environ.get("CB_SLOW_S", "60"))

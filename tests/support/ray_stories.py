@@ -228,7 +228,9 @@ def budget(tmp: Path, cluster) -> dict:
     per_call = 60 * 1000 / 1e6  # the most one teacher call can cost: max_tokens 60 at $1000/M output
     facts: dict = {"cap": cap, "max_call_usd": per_call}
     warm({"CB_TEST_KEY": KEY})
-    with FakeOpenAIServer(reply=persona_reply, require_key=KEY, latency_s=0.1) as srv:
+    # 0.3 s a call: the cap takes one worker alone seven round trips (2 s), time enough for the
+    # other to start sending on a loaded machine (at 0.1 s it sometimes had not).
+    with FakeOpenAIServer(reply=persona_reply, require_key=KEY, latency_s=0.3) as srv:
         spec = api_spec(tmp, srv.base_url,
                         "prices: {teacher-model: {input: 0, output: 1000}, student-model: {input: 0, output: 0}}\n")
         sets = ["models.teacher.sampling.max_tokens=60", "expect.response_tokens=1", "models.teacher.concurrency=2",
@@ -554,7 +556,7 @@ def straggler(tmp: Path, cluster) -> dict:
             t = time.monotonic()
             plan, report = engine_stages.build(spec, tmp / f"{name}-cache", sets, executor=ex,
                                                console=Console(capture=False, log=lines.append))
-            seconds = time.monotonic() - t
+            seconds, ended = time.monotonic() - t, time.time()
         finally:
             ex.shutdown()
 
@@ -566,7 +568,9 @@ def straggler(tmp: Path, cluster) -> dict:
                     out[parts[field]] = out.get(parts[field], 0) + 1
             return out
 
-        return {"seconds": round(seconds, 2), "targets": sorted(r.name for r in plan.rows),
+        slow_began = float((tmp / f"{name}.mark").read_text())
+        return {"seconds": round(seconds, 2), "ended_after_slow_began_s": round(ended - slow_began, 2),
+                "targets": sorted(r.name for r in plan.rows),
                 "built": sorted(report.built), "failed": report.failed, "skipped": report.skipped,
                 "started": count(log, 1), "finished": count(done, 0),
                 "retry_lines": [ln for ln in lines if re.search(r"\bretrying\b", ln)]}

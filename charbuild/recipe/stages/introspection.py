@@ -128,9 +128,10 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 6  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    version = 7  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
     # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
-    # 6: a dropped act and "staying in character as" are caught
+    # 6: a dropped act and "staying in character as" are caught; 7: quality.json counts the turns cut at an
+    # invented turn (its sum over turns had dropped them)
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.
@@ -182,10 +183,7 @@ class Interactions(_Introspection):
                 reqs.append(request(m, msgs, item_seed(self.name, items[i] * 1000 + turn), spec.introspection.turn_max_tokens))
             recs, q = generate_checked(ctx, role, m, reqs, cfg, f, f"{ctx.target.name} turn {turn + 1}",
                                        keep_thinking=spec.introspection.keep_think_interactions)
-            for key in ("checked", "dropped"):
-                setattr(total_q, key, getattr(total_q, key) + getattr(q, key))
-            for r, cnt in q.counts.items():
-                total_q.counts[r] = total_q.counts.get(r, 0) + cnt
+            total_q.merge(q)
             for i, rec in zip(idx, recs):
                 text = rec["text"]
                 if not rec["ok"] or not text:

@@ -130,14 +130,15 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 13  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 14  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
     # 10: the patterns pass theatre's "breaking character" and the user's bot's persona; retrained on fresh21-24 (f5aff1b4)
     # 11: the patterns catch a dropped act and "staying in character as"; retrained on fresh25-32 (fd3e8d89)
     # 12: the classifier fitted through each reply's best passage, on fresh1-44, at 3% false alarms;
-    # it has the last word on the patterns' hits (a8a81a30); 13: retrained on fresh1-64 (61e98056)
+    # it has the last word on the patterns' hits (a8a81a30); 13: retrained on fresh1-64 (61e98056);
+    # 14: retrained on fresh1-88 (3e07a62c)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
