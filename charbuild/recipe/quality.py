@@ -28,7 +28,7 @@ import functools
 import operator
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable
 
 REASONS = (
@@ -1099,9 +1099,12 @@ class StageQuality:
             self.counts[r] = self.counts.get(r, 0) + 1
 
     def merge(self, other: "StageQuality") -> None:
-        """Add another batch's counts (a conversation's turns are checked a batch a turn)."""
-        for f in ("checked", "dropped", "truncated", "unscreened"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+        """Add another batch's counts (a conversation's turns are checked a batch a turn). Every
+        counter the dataclass has, so that one added later is not lost in the sum, as
+        `truncated` once was."""
+        for f in fields(self):
+            if f.name != "counts":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         for r, n in other.counts.items():
             self.counts[r] = self.counts.get(r, 0) + n
 
