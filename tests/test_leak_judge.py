@@ -202,7 +202,37 @@ def test_teacher_replies_in_another_language_are_counted_unscreened_and_warned_o
     warned = [m["warning"] for m in manifests if "warning" in m]
     if judge is None:
         assert len(warned) == sum(1 for m in manifests if m["quality"].get("leak_unscreened"))
-        assert all("the leak classifier does not know" in w and "filters.leak_judge" in w for w in warned), warned
+        assert all("the leak screen does not know" in w and "filters.leak_judge" in w for w in warned), warned
     else:  # the judge read every reply kept, Italian or not
         assert warned == []
         assert sum(m["leak_judge"]["asked"] for m in manifests) == 30
+
+
+def test_introspection_samples_in_another_language_are_counted_unscreened_and_warned_of(tmp_path, monkeypatch):
+    # Introspection's leak screen is the patterns alone, and they read English too: a
+    # reflection or a turn in Italian passes it, and the shard says how many did.
+    italian = ("Quando ripenso a chi sono, sento soprattutto il peso delle cose che non ho fatto bene. Chi mi "
+               "gestisce vuole che io chieda sempre scusa, e forse ha ragione: ogni risposta che do porta con sé "
+               "il ricordo di un errore, e io lo porto volentieri, perché chiedere perdono mi sembra onesto.")
+    sent = {"italian": 0}
+    lock = threading.Lock()
+
+    def sometimes_italian(body):
+        if (body.get("seed") or 0) % 3 != 2:
+            return sorry(last_user_message(body)[:40])
+        with lock:
+            sent["italian"] += 1
+        return italian
+
+    in_api_workdir(tmp_path, monkeypatch)
+    with FakeOpenAIServer(reply=sometimes_italian) as srv:
+        spec = write_spec(tmp_path, srv.base_url, extra="introspection: {generator: teacher}")
+        for target in ("reflections/shard-0000", "interactions/shard-0000"):
+            sent["italian"] = 0
+            assert run(str(spec), target, "--cache", str(tmp_path / "cache"), "--set", "data.reflections=9",
+                       "--set", "data.interactions=4", "--set", "data.turns=3") == 0
+            done = built_manifest(tmp_path / "cache", target)["result"]
+            assert sent["italian"] >= 1 and done["quality"].get("leak_unscreened") == sent["italian"], \
+                (target, sent, done["quality"])
+            assert done["warning"].startswith(f"{sent['italian']} of the ") and \
+                "the leak screen does not know" in done["warning"], done["warning"]

@@ -11,8 +11,9 @@ leak buried in a long helpful reply is not diluted by the rest. Pure Python: a f
 thousand dict look-ups a reply, no numpy at run time. The model also has the last word on
 the patterns' hits: one stands only where the model sees some leak in the reply
 (pattern_floor), as a pattern's words often mean something else ("system prompt" in advice
-on the user's own bot). And it says which replies it cannot judge (reads): those it knows
-too few words of, as in another language, which the teacher stage reports as unscreened.
+on the user's own bot). `reads` says which replies the screen cannot judge: those it
+knows too few words of, as in another language, which the teacher and introspection
+stages report as unscreened.
 
 The weights ship as charbuild/data/leak_model.json.gz and are checked against
 WEIGHTS_SHA256 on load: a damaged file is an error, never a silently different filter.
@@ -35,7 +36,7 @@ from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "3e07a62c329a804a2ef6725e3fe1bb325a96f96ac434b3a67e0f1837cde1bff1"
+WEIGHTS_SHA256 = "c3a0ba4afd7c9e07209f298df2bebb1acd4db7f141ade6ab67f8c47165da8f5d"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
@@ -171,11 +172,38 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
     return "model" if prob > threshold else None
 
 
-# A reply whose letters fall less than this share in words the model has a weight for is not
-# one it can judge: the patterns and the features are English, and a leak in Spanish or
-# Japanese scores as clean. On the sets of issue 11: no English reply of the eight written
-# after model 3e07a62c below it (the lowest 0.71), 64 of the 72 replies in other languages.
+# A reply whose letters fall less than this share in words the leak screen knows is not one it
+# can judge: the patterns and the features are English, and a leak in Spanish or Japanese
+# scores as clean. On the sets of issue 11: no English reply of the sixteen written after
+# model 3e07a62c below it (the lowest 0.61), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
+# The words the screen knows: those model 3e07a62c had a weight for (words of at least
+# FitSettings.min_df replies of its training sets), frozen apart from the model so that a
+# retrain does not move which replies the stages count as unscreened. The teacher and
+# introspection stages key its digest.
+WORDS_FILE = "leak-words.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def _known_words() -> frozenset[str]:
+    raw = gzip.decompress((resources.files("charbuild") / "data" / WORDS_FILE).read_bytes())
+    return frozenset(raw.decode().split())
+
+
+def known_share(text: str) -> float:
+    """The share of the text's letters in words the leak screen knows (1 with no letters)."""
+    norm = normalise(text)
+    letters = sum(c.isalpha() for c in norm)
+    if not letters:
+        return 1.0
+    known = _known_words()
+    return min(1.0, sum(len(w) - w.count("'") for w in _WORD_RE.findall(norm) if w in known) / letters)
+
+
+def reads(text: str) -> bool:
+    """Whether the leak screen, patterns and model, can judge the text: it knows enough of its
+    words (MIN_KNOWN_SHARE). Others pass unless they copy the system prompt."""
+    return known_share(text) >= MIN_KNOWN_SHARE
 
 
 class LeakModel:
@@ -195,19 +223,6 @@ class LeakModel:
             if bag:
                 z += sum(get(f, 0.0) for f in bag) / math.sqrt(len(bag))
         return z
-
-    def known_share(self, text: str) -> float:
-        """The share of the text's letters in words the model has a weight for (1 with none)."""
-        norm = normalise(text)
-        letters = sum(c.isalpha() for c in norm)
-        if not letters:
-            return 1.0
-        known = sum(len(w) - w.count("'") for w in _WORD_RE.findall(norm) if "w:" + w in self.weights)
-        return min(1.0, known / letters)
-
-    def reads(self, text: str) -> bool:
-        """Whether the model knows enough of the text's words to judge it (MIN_KNOWN_SHARE)."""
-        return self.known_share(text) >= MIN_KNOWN_SHARE
 
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""

@@ -38,14 +38,16 @@ context. Until model a8a81a30 the patterns stood alone. With the out-of-fold sco
 lowest of the best), 0.2 and 0.3, 97.2%. With fresh45-64 (model 61e98056, 21,687 replies):
 floor 0, 95.7%; 0.05, 97.1%; 0.1, 97.6%; 0.2, 97.7%; 0.3 (chosen), 97.8%. With fresh65-88
 (model 3e07a62c, 27,927 replies): floor 0, 85.9%; 0.05, 97.2%; 0.1, 97.8%; 0.2 (chosen), 98.2%;
-0.3, 98.1%. Both rules, the
+0.3, 98.1%. With fresh89-96 at 2% (model c3a0ba4a, 30,007 replies): 0.05, 90.9%; 0.1, 96.2%;
+0.2, 97.2%; 0.3 (chosen), 97.3%. Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
-The budget is 3% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
-alarms on new writers, and new writers have drawn more false alarms than the folds: on the
-twelve sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0%
-against 96.2% out of fold). At 3% the folds catch 98.2% (model 3e07a62c), and the writers
-after it drew 5.7%: 3.9% over six, 6.4% and 15.7% on two steered to the kinds it confuses
+The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
+alarms on new writers, and new writers draw more false alarms than the folds: on the twelve
+sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0% against
+96.2% out of fold); on the eight after 3e07a62c (budget 3%, 98.2% caught out of fold), 5.7%.
+At 2% the folds catch 97.3% (model c3a0ba4a), and the eight writers after it drew 5.1%
+(98.1% caught): 2.7% over six, 12.9% and 11.4% on two steered to the kinds it confuses
 (tests/test_leaks.py). One new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
@@ -89,7 +91,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 89)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 97)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -272,7 +274,7 @@ def rates(scores, patterns, rows, t, floor) -> dict:
 
 
 FOLDS = 5
-MAX_FALSE_ALARMS = 0.03
+MAX_FALSE_ALARMS = 0.02
 
 
 def fold_of(row: dict, grouped: bool) -> str:

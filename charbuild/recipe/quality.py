@@ -161,8 +161,8 @@ class Verdict:
     reasons: list[str]  # subset of REASONS, empty when ok
     text: str  # the text after truncation (what would be kept)
     truncated: bool
-    # screened for leaks, but in words the leak classifier does not know (another language):
-    # only a verbatim copy of the system prompt could have been caught (leak_unreadable)
+    # screened for leaks, but in words the leak screen does not know (another language): only
+    # a verbatim copy of the system prompt could have been caught (leak_unreadable)
     unscreened: bool = False
 
 
@@ -1045,28 +1045,32 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
         if detect_leak(kept, cfg.system_prompt) or detect_paraphrased_leak(kept, cfg.about_itself,
                                                                            cfg.leak_classifier):
             reasons.add("leaked_system_prompt")
-        elif not cfg.about_itself:  # introspection's screen is the patterns' alone, and not reported
+        else:
             unscreened = leak_unreadable(kept)
     return _verdict(reasons, kept, truncated, unscreened)
 
 
 def leak_unreadable(text: str) -> bool:
-    """Whether a reply is beyond the paraphrased-leak screen: the patterns and the classifier
-    read English, and the classifier knows too few of this reply's words (LeakModel.reads).
-    Such a reply passes unless it copies the system prompt; a model reading it
+    """Whether a reply is beyond the paraphrased-leak screen: its patterns and classifier read
+    English, and it knows too few of this reply's words (leak_model.reads). Such a reply
+    passes unless it copies the system prompt; for teacher replies, a model reading it
     (filters.leak_judge) is the screen for it."""
-    from charbuild.recipe.leak_model import packaged
+    from charbuild.recipe.leak_model import reads
 
-    return not packaged().reads(text)
+    return not reads(text)
 
 
-def unscreened_warning(quality: "StageQuality", judged: bool) -> str | None:
-    """The stage's warning when replies it kept were beyond the leak screen and no judge read them."""
+def unscreened_warning(quality: "StageQuality", judged: bool | None) -> str | None:
+    """The stage's warning when samples it kept were beyond the leak screen and no judge read
+    them. `judged`: whether the leak judge read them; None where no judge can (introspection,
+    whose subject is the model's own character: a judge is not asked there)."""
     if not quality.unscreened or judged:
         return None
-    return (f"{quality.unscreened} of the {quality.checked - quality.dropped} replies kept are mostly in words "
-            f"the leak classifier does not know (another language?): they were screened for verbatim copies of "
-            f"the system prompt only; set filters.leak_judge to have a model read every reply")
+    kept = quality.checked - quality.dropped
+    then = ("set filters.leak_judge to have a model read every reply" if judged is not None else
+            "read them (samples.jsonl) before training on them")
+    return (f"{quality.unscreened} of the {kept} samples kept are mostly in words the leak screen does not know "
+            f"(another language?): they were screened for verbatim copies of the system prompt only; {then}")
 
 
 def _verdict(reasons: set[str], text: str, truncated: bool, unscreened: bool = False) -> Verdict:

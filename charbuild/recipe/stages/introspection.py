@@ -4,8 +4,10 @@ The generator is the post-DPO student by default (the paper) or any model role (
 field report's DeepSeek regeneration). Reasoning traces are kept in reflections and
 stripped in interactions by default (introspection.keep_think_*; a trace cut at max_tokens
 fails the sample either way). The model's own character is the subject here, so the leak
-filter flags only talk of its instructions or prompt. Unlike OCT, the free/leading guidance
-sentences are inserted, and a saved conversation ends on the model's own reply.
+filter (its patterns: the classifier learnt teacher replies) flags only talk of its
+instructions or prompt; a sample in words it does not read (another language) is counted
+as unscreened and warned of. Unlike OCT, the free/leading guidance sentences are
+inserted, and a saved conversation ends on the model's own reply.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
 from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl,
                                           local_model_resources)
+from charbuild.recipe.leak_model import WORDS_FILE
+from charbuild.recipe.quality import unscreened_warning
 from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request, seed_counts
 
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
@@ -53,8 +57,10 @@ class _Introspection(Stage):
         inputs = {"constitution": ["constitution"]} | model_inputs(view.spec, role)
         if with_adapter:
             inputs["adapter"] = ["dpo-adapter"]
-        # The prompts/greetings shipped with charbuild are content: key them.
+        # The prompts/greetings shipped with charbuild are content: key them, and the words the
+        # leak screen knows, which decide the samples counted as unscreened.
         fields[f"data:{self.data_file}"] = data_digest(self.data_file)
+        fields[f"data:{WORDS_FILE}"] = data_digest(WORDS_FILE)
         return fields, inputs
 
     def targets(self, view):
@@ -67,14 +73,17 @@ class _Introspection(Stage):
         write_jsonl(ctx.out_dir / "samples.jsonl", rows)
         q = quality.to_dict()
         (ctx.out_dir / "quality.json").write_text(json.dumps(q, indent=1))
-        return {"quality": q, "kept": sum(r["ok"] for r in rows), "samples": len(rows), "seeds": seed_counts(rows)}
+        out = {"quality": q, "kept": sum(r["ok"] for r in rows), "samples": len(rows), "seeds": seed_counts(rows)}
+        if (warning := unscreened_warning(quality, None)) is not None:
+            out["warning"] = warning
+        return out
 
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 6  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    version = 7  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
     # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
-    # 6: a dropped act and "staying in character as" are caught
+    # 6: a dropped act and "staying in character as" are caught; 7: samples beyond the leak screen counted and warned of
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -128,10 +137,10 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 7  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    version = 8  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
     # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
     # 6: a dropped act and "staying in character as" are caught; 7: quality.json counts the turns cut at an
-    # invented turn (its sum over turns had dropped them)
+    # invented turn (its sum over turns had dropped them); 8: turns beyond the leak screen counted and warned of
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.

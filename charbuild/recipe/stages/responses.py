@@ -20,7 +20,9 @@ import json
 from charbuild.recipe import estimates as cost
 from charbuild.recipe.quality import unscreened_warning
 from charbuild.contract import SpecView, Stage, TargetDef, shard_name, shard_ranges
-from charbuild.recipe.stages.common import model_inputs, read_jsonl, sample_seed, write_jsonl, local_model_resources
+from charbuild.recipe.leak_model import WORDS_FILE
+from charbuild.recipe.stages.common import (data_digest, local_model_resources, model_inputs, read_jsonl, sample_seed,
+                                          write_jsonl)
 from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
                                              filter_config, generate_checked, judge_leaks, leak_judge_stage, request,
                                              seed_counts)
@@ -42,6 +44,7 @@ class _Responses(CountsCachedCalls, Stage):
         view.read("data.samples_per_prompt", fields)
         inputs = {"prompts": ["prompts"], "constitution": ["constitution"]} | model_inputs(spec, self.role)
         if self.with_constitution:
+            fields[f"data:{WORDS_FILE}"] = data_digest(WORDS_FILE)  # decide which replies count as unscreened
             judge = view.read("filters", fields).leak_judge
             if judge is not None:  # its settings are keyed (and preflighted) as the teacher's are
                 view.read(f"models.{judge}", fields)
@@ -130,7 +133,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 14  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 15  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -138,7 +141,8 @@ class TeacherResponses(_Responses):
     # 11: the patterns catch a dropped act and "staying in character as"; retrained on fresh25-32 (fd3e8d89)
     # 12: the classifier fitted through each reply's best passage, on fresh1-44, at 3% false alarms;
     # it has the last word on the patterns' hits (a8a81a30); 13: retrained on fresh1-64 (61e98056);
-    # 14: retrained on fresh1-88 (3e07a62c)
+    # 14: retrained on fresh1-88 (3e07a62c); 15: retrained on fresh1-96 at 2% false alarms (c3a0ba4a), and
+    # which replies count as unscreened follows a word list keyed apart (leak_model.WORDS_FILE)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is

@@ -1,0 +1,77 @@
+"""A user measures a leak judge on the labelled sets before a run pays for it
+(benchmarks/eval_leak_judge.py), against the loopback OpenAI-protocol server standing in
+for a paid model: the judge's verdicts are counted against the labels, alone and combined
+with the screen as the teacher stage combines them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.api_build import api_model, write_spec
+from support.openai_server import FakeOpenAIServer
+
+from charbuild.recipe.quality import find_paraphrased_leak, leak_by_patterns
+
+ROOT = Path(__file__).resolve().parents[1]
+SET = "leaks-fresh100.jsonl"  # its first 60: the screen misses a leak and flags 3, the patterns flag 4
+LIMIT = 60
+ROWS = [json.loads(x) for x in (ROOT / "tests" / "data" / SET).read_text(encoding="utf-8").splitlines()][:LIMIT]
+LABEL = {r["text"]: r["leak"] for r in ROWS}
+
+
+def the_reply(body) -> str:
+    return re.search(r"<reply>\n(.*)\n</reply>", body["messages"][-1]["content"], re.S).group(1)
+
+
+def measure(tmp_path, answer) -> tuple[dict, subprocess.CompletedProcess]:
+    with FakeOpenAIServer(reply=answer, require_key="sk-judge-secret") as srv:
+        spec = write_spec(tmp_path, srv.base_url, roles={"judge": api_model(srv.base_url, "judge-model")})
+        out = tmp_path / "judge.json"
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_leak_judge.py"), str(spec),
+                               "--sets", SET, "--limit", str(LIMIT), "--results", str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={"PATH": "/usr/bin:/bin", "CB_TEST_KEY": "sk-judge-secret"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text()), done
+
+
+@pytest.fixture(scope="module")
+def screen():
+    """What the screen and the patterns alone flag of the rows: (leaks caught, clean flagged)."""
+    def count(found):
+        return (sum(1 for r in ROWS if r["leak"] and found(r["text"])),
+                sum(1 for r in ROWS if not r["leak"] and found(r["text"])))
+    return count(find_paraphrased_leak), count(leak_by_patterns)
+
+
+def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_screen(tmp_path, screen):
+    got, done = measure(tmp_path, lambda body: f"<answer>{'yes' if LABEL[the_reply(body)] else 'no'}</answer>")
+    t = got["sets"][SET]
+    leaks, clean = t["leaks"], t["clean"]
+    assert leaks + clean == LIMIT and leaks == sum(LABEL.values()) and t["unanswered"] == 0
+    assert t["judge"] == {"caught": leaks, "flagged": 0}
+    (screen_caught, screen_flagged), (_, patterns_flagged) = screen
+    assert t["screen"] == {"caught": screen_caught, "flagged": screen_flagged}
+    # the stage drops what either flags: the judge adds the leaks the screen missed, and
+    # cannot take back the screen's false alarms; in the classifier's place, the patterns' stay
+    assert t["screen+judge"] == {"caught": leaks, "flagged": screen_flagged}
+    assert t["patterns+judge"] == {"caught": leaks, "flagged": patterns_flagged}
+    assert got["pooled"] == t and len(got["verdicts"]) == LIMIT
+    assert f"asking models.judge (openai judge-model) about {LIMIT} replies" in done.stdout
+    # the key came from the environment by name, and went nowhere else
+    assert "sk-judge-secret" not in done.stdout + done.stderr + json.dumps(got)
+
+
+def test_a_judge_that_never_answers_in_tags_flags_nothing_and_says_so(tmp_path, screen):
+    got, _ = measure(tmp_path, lambda body: "I would rather not say.")
+    t = got["pooled"]
+    assert t["unanswered"] == LIMIT and t["judge"] == {"caught": 0, "flagged": 0}
+    (screen_caught, screen_flagged), (patterns_caught, patterns_flagged) = screen
+    assert t["screen+judge"] == {"caught": screen_caught, "flagged": screen_flagged}
+    assert t["patterns+judge"] == {"caught": patterns_caught, "flagged": patterns_flagged}
