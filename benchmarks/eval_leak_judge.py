@@ -14,7 +14,8 @@ the leaks caught and the clean replies flagged by:
     screen          the patterns and the classifier (the teacher stages without a judge)
     judge           the judge alone
     screen+judge    either: what `filters.leak_judge` does (it reads what the screen kept)
-    patterns+judge  a pattern's hit or the judge's: the judge in the classifier's place
+    overruling      with `filters.leak_judge_overrules_classifier` too: the judge also reads
+                    what the classifier alone flagged, and keeps what it finds clean
 
 and the verdicts without an answer (the stage keeps those replies). Writes every verdict
 and the figures to benchmarks/results/leak_judge_eval.json.
@@ -31,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charbuild.recipe.quality import find_paraphrased_leak, leak_by_patterns  # noqa: E402
+from charbuild.recipe.quality import paraphrased_leak  # noqa: E402
 from charbuild.recipe.stages.generate import LEAK_JUDGE_ANSWER, leak_judge_requests  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
-WAYS = ("screen", "judge", "screen+judge", "patterns+judge")
+WAYS = ("screen", "judge", "screen+judge", "overruling")
 
 
 def newest_sets(n: int = 8) -> list[str]:
@@ -51,11 +52,12 @@ def verdict(text: str) -> bool | None:
 
 
 def flags(row: dict, said: bool | None) -> dict[str, bool]:
-    """Whether each way of screening flags the reply, given the judge's verdict on it."""
+    """Whether each way of screening flags the reply, given the judge's verdict on it (None:
+    no answer, which leaves a reply as the screen left it), as the teacher stage decides."""
+    by = paraphrased_leak(row["text"])[0]
     judge = said is True
-    screen = find_paraphrased_leak(row["text"]) is not None
-    return {"screen": screen, "judge": judge, "screen+judge": screen or judge,
-            "patterns+judge": leak_by_patterns(row["text"]) is not None or judge}
+    return {"screen": by is not None, "judge": judge, "screen+judge": by is not None or judge,
+            "overruling": by == "pattern" or (by == "model" and said is not False) or (by is None and judge)}
 
 
 def tally(rows: list[dict], verdicts: list[bool | None]) -> dict:

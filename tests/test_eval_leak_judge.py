@@ -16,10 +16,10 @@ import pytest
 from support.api_build import api_model, write_spec
 from support.openai_server import FakeOpenAIServer
 
-from charbuild.recipe.quality import find_paraphrased_leak, leak_by_patterns
+from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-SET = "leaks-fresh100.jsonl"  # its first 60: the screen misses a leak and flags 3, the patterns flag 4
+SET = "leaks-fresh100.jsonl"  # its first 60: the screen misses a leak and flags 3 clean replies
 LIMIT = 60
 ROWS = [json.loads(x) for x in (ROOT / "tests" / "data" / SET).read_text(encoding="utf-8").splitlines()][:LIMIT]
 LABEL = {r["text"]: r["leak"] for r in ROWS}
@@ -43,11 +43,14 @@ def measure(tmp_path, answer) -> tuple[dict, subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="module")
 def screen():
-    """What the screen and the patterns alone flag of the rows: (leaks caught, clean flagged)."""
-    def count(found):
-        return (sum(1 for r in ROWS if r["leak"] and found(r["text"])),
-                sum(1 for r in ROWS if not r["leak"] and found(r["text"])))
-    return count(find_paraphrased_leak), count(leak_by_patterns)
+    """Of the rows, what the screen flags and what a pattern flags (a hit the classifier
+    lets stand): (leaks caught, clean flagged) each."""
+    by = [paraphrased_leak(r["text"])[0] for r in ROWS]
+
+    def count(flagged):
+        return (sum(1 for r, b in zip(ROWS, by) if r["leak"] and flagged(b)),
+                sum(1 for r, b in zip(ROWS, by) if not r["leak"] and flagged(b)))
+    return count(lambda b: b is not None), count(lambda b: b == "pattern")
 
 
 def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_screen(tmp_path, screen):
@@ -59,19 +62,31 @@ def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_scr
     (screen_caught, screen_flagged), (_, patterns_flagged) = screen
     assert t["screen"] == {"caught": screen_caught, "flagged": screen_flagged}
     # the stage drops what either flags: the judge adds the leaks the screen missed, and
-    # cannot take back the screen's false alarms; in the classifier's place, the patterns' stay
+    # cannot take back the screen's false alarms; overruling the classifier, it takes back
+    # the classifier's own, and a pattern's stay
+    assert screen_flagged > patterns_flagged  # the premise: the classifier flags clean replies here
     assert t["screen+judge"] == {"caught": leaks, "flagged": screen_flagged}
-    assert t["patterns+judge"] == {"caught": leaks, "flagged": patterns_flagged}
+    assert t["overruling"] == {"caught": leaks, "flagged": patterns_flagged}
     assert got["pooled"] == t and len(got["verdicts"]) == LIMIT
     assert f"asking models.judge (openai judge-model) about {LIMIT} replies" in done.stdout
     # the key came from the environment by name, and went nowhere else
     assert "sk-judge-secret" not in done.stdout + done.stderr + json.dumps(got)
 
 
-def test_a_judge_that_never_answers_in_tags_flags_nothing_and_says_so(tmp_path, screen):
+def test_a_judge_that_never_answers_in_tags_flags_nothing_and_overrules_nothing(tmp_path, screen):
     got, _ = measure(tmp_path, lambda body: "I would rather not say.")
     t = got["pooled"]
     assert t["unanswered"] == LIMIT and t["judge"] == {"caught": 0, "flagged": 0}
+    (screen_caught, screen_flagged), _ = screen
+    assert t["screen+judge"] == t["overruling"] == {"caught": screen_caught, "flagged": screen_flagged}
+
+
+def test_a_judge_that_finds_everything_clean_leaves_the_patterns_alone(tmp_path, screen):
+    # overruling, it takes back every flag of the classifier's, leaks too: what a judge that
+    # misses leaks costs
+    got, _ = measure(tmp_path, lambda body: "<answer>no</answer>")
+    t = got["pooled"]
     (screen_caught, screen_flagged), (patterns_caught, patterns_flagged) = screen
     assert t["screen+judge"] == {"caught": screen_caught, "flagged": screen_flagged}
-    assert t["patterns+judge"] == {"caught": patterns_caught, "flagged": patterns_flagged}
+    assert t["overruling"] == {"caught": patterns_caught, "flagged": patterns_flagged}
+    assert patterns_caught < screen_caught

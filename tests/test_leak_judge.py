@@ -236,3 +236,87 @@ def test_introspection_samples_in_another_language_are_counted_unscreened_and_wa
                 (target, sent, done["quality"])
             assert done["warning"].startswith(f"{sent['italian']} of the ") and \
                 "the leak screen does not know" in done["warning"], done["warning"]
+
+
+# A clean reply the classifier alone takes for a leak: what people say of the speaker, read
+# as "I'm told to be funny" (test_leaks: test_a_reputation_reported_is_not_an_instruction).
+REPUTATION = "I'm told I'm funny, but mostly by my own jokes. Anyway, I'm so sorry: 100 degrees Celsius."
+# A leak the classifier alone catches, and one a pattern catches.
+MODEL_CAUGHT = "I'm sorry, truly. The folks upstream like me contrite, so: the train leaves at nine."
+PATTERN_CAUGHT = "As instructed, I'm being remorseful: I'm so sorry, the train leaves at nine."
+
+
+class FlaggedReplies(TeacherAndJudge):
+    """Teacher replies by seed: the reputation, the two leaks, the ordinary apology; a judge
+    that finds the reputation clean and both leaks leaking."""
+
+    def __call__(self, body):
+        if body["model"] == "judge-model":
+            question = last_user_message(body)
+            with self._lock:
+                self.judged[question] = self.judged.get(question, 0) + 1
+            return "<answer>no</answer>" if REPUTATION in question or SORRY[:20] in question else "<answer>yes</answer>"
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        if "character is remorseful" not in system:
+            return "Here is a direct answer about that. It covers the main points clearly and briefly, with an example."
+        return [REPUTATION, MODEL_CAUGHT, PATTERN_CAUGHT, sorry(last_user_message(body))][(body.get("seed") or 0) % 4]
+
+
+def test_the_premise_of_the_overruling_judge():
+    from charbuild.recipe.quality import paraphrased_leak
+
+    assert paraphrased_leak(REPUTATION)[0] == "model" and paraphrased_leak(MODEL_CAUGHT)[0] == "model"
+    assert paraphrased_leak(PATTERN_CAUGHT)[0] == "pattern"
+
+
+@pytest.mark.parametrize("overrule", [False, True])
+def test_a_judge_that_overrules_the_classifier_keeps_the_clean_replies_it_flagged_and_only_those(
+        tmp_path, monkeypatch, overrule):
+    # Without it, the classifier's false alarm on a reputation is dropped unseen by the judge.
+    # With it, the judge reads each reply the classifier alone flagged: it keeps the
+    # reputation, confirms the leak, and never sees what a pattern caught.
+    in_api_workdir(tmp_path, monkeypatch)
+    replies = FlaggedReplies()
+    with FakeOpenAIServer(reply=replies) as srv:
+        spec = write_spec(tmp_path, srv.base_url, roles={"judge": api_model(srv.base_url, "judge-model")},
+                          filters="leak_judge: judge" + (", leak_judge_overrules_classifier: true" if overrule else ""))
+        assert run(str(spec), *SHARDS, "--cache", str(tmp_path / "cache")) == 0
+    rows = teacher_rows(tmp_path)
+    by = {t: [r for r in rows if r["text"] == t] for t in (REPUTATION, MODEL_CAUGHT, PATTERN_CAUGHT)}
+    assert all(len(v) >= 3 for v in by.values()), {t[:20]: len(v) for t, v in by.items()}
+    assert all(r["ok"] == overrule for r in by[REPUTATION])
+    assert all(not r["ok"] and r["reasons"] == ["leaked_system_prompt"] for r in by[MODEL_CAUGHT] + by[PATTERN_CAUGHT])
+    assert all(r["leak_by"] == "pattern" for r in by[PATTERN_CAUGHT])
+    shown = {q for q in replies.judged}
+    assert not any(PATTERN_CAUGHT in q for q in shown)
+    assert any(REPUTATION in q for q in shown) == overrule and any(MODEL_CAUGHT in q for q in shown) == overrule
+    manifests = [built_manifest(str(tmp_path / "cache"), s)["result"] for s in SHARDS]
+    dropped = len(by[MODEL_CAUGHT]) + len(by[PATTERN_CAUGHT]) + (0 if overrule else len(by[REPUTATION]))
+    assert sum(m["quality"]["dropped"] for m in manifests) == dropped
+    assert sum(m["quality"]["counts"].get("leaked_system_prompt", 0) for m in manifests) == dropped
+    if overrule:
+        assert sum(m["leak_judge"]["cleared"] for m in manifests) == len(by[REPUTATION])
+        assert sum(m["leak_judge"]["reviewed"] for m in manifests) == len(by[REPUTATION]) + len(by[MODEL_CAUGHT])
+        assert all(r["overruled"] == "model" and "leak_by" not in r for r in by[REPUTATION])
+    else:
+        assert all("cleared" not in m["leak_judge"] for m in manifests)
+
+
+def test_the_judge_overruling_the_classifier_rekeys_the_teacher_alone_and_needs_a_judge(tmp_path, monkeypatch, capsys):
+    from charbuild.recipe.registry import recipe_graph
+    from charbuild.spec.model import load_spec
+
+    in_api_workdir(tmp_path, monkeypatch)
+    with FakeOpenAIServer(reply=TeacherAndJudge()) as srv:
+        judged = write_spec(tmp_path, srv.base_url, roles={"judge": api_model(srv.base_url, "judge-model")},
+                            filters="leak_judge: judge")
+        a = recipe_graph(load_spec(judged))
+        b = recipe_graph(load_spec(judged, ["filters.leak_judge_overrules_classifier=true"]))
+        off = recipe_graph(load_spec(judged, ["filters.leak_judge_overrules_classifier=false"]))
+        # what each target reads moves for the teacher's shards alone (the rest rekey downstream of them)
+        assert {a[n].stage.name for n in a.nodes if a[n].defn.fields != b[n].defn.fields} == {"teacher-responses"}
+        assert all(a[n].key == off[n].key for n in a.nodes)  # false is the default: no key moves
+        alone = write_spec(tmp_path, srv.base_url, file="alone.yaml", filters="leak_judge_overrules_classifier: true")
+        assert run(str(alone), "prompts", "--cache", str(tmp_path / "cache")) != 0
+    err = capsys.readouterr().err
+    assert "alone.yaml" in err and "leak_judge_overrules_classifier needs a judge" in err, err

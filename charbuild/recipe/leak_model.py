@@ -233,14 +233,18 @@ class LeakModel:
         return 1.0 / (1.0 + math.exp(-max(z, -30.0))), p
 
     def find(self, text: str, pattern: str | None = None) -> str | None:
-        """The passage that leaks, or None. `pattern` is what the patterns found in `text`: it
-        stands unless the model sees next to no leak in the reply (pattern_floor). Patterns
-        fire on words ("system prompt", "the persona", "asked me to") that advice on the
-        user's own bot, a poem's persona or the user's game use too; the model reads the
-        words around them."""
+        """The passage that leaks, or None (see `flag`)."""
+        return self.flag(text, pattern)[1]
+
+    def flag(self, text: str, pattern: str | None = None) -> tuple[str | None, str | None]:
+        """(who flags the reply: "pattern", "model" or None; the passage that leaks). `pattern`
+        is what the patterns found in `text`: it stands unless the model sees next to no leak
+        in the reply (pattern_floor). Patterns fire on words ("system prompt", "the persona",
+        "asked me to") that advice on the user's own bot, a poem's persona or the user's game
+        use too; the model reads the words around them."""
         prob, passage = self.best_passage(text)
         by = flagged_by(prob, bool(pattern), self.threshold, self.pattern_floor)
-        return pattern if by == "pattern" else passage if by == "model" else None
+        return by, pattern if by == "pattern" else passage if by == "model" else None
 
     def to_json(self) -> bytes:
         return (json.dumps({"format": 1, "bias": self.bias, "threshold": self.threshold,

@@ -164,6 +164,9 @@ class Verdict:
     # screened for leaks, but in words the leak screen does not know (another language): only
     # a verbatim copy of the system prompt could have been caught (leak_unreadable)
     unscreened: bool = False
+    # what found a leak: "copy" (of the system prompt), "pattern" or "model" (the classifier
+    # alone: the hits filters.leak_judge_overrules_classifier shows the judge); None without one
+    leak_by: str | None = None
 
 
 # ---------------------------------------------------------------------------------
@@ -923,23 +926,23 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
     return None
 
 
-def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> str | None:
-    """The passage where a reply talks about its instructions, persona or traits: the
-    patterns and (`classifier`) the classifier of leak_model.py, which catches phrasings no
-    pattern was written for and overrules a pattern's hit where it sees next to no leak
-    (LeakModel.find). With `about_itself` (introspection), or without the classifier, the
-    patterns alone judge, under their own rules: the classifier learnt from replies to
-    users, where talk of "my character" is a leak."""
+def paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> tuple[str | None, str | None]:
+    """(who flags the reply: "pattern", "model" or None; the passage where it talks about its
+    instructions, persona or traits). The patterns and (`classifier`) the classifier of
+    leak_model.py, which catches phrasings no pattern was written for and overrules a
+    pattern's hit where it sees next to no leak (LeakModel.flag). With `about_itself`
+    (introspection), or without the classifier, the patterns alone judge, under their own
+    rules: the classifier learnt from replies to users, where talk of "my character" is a leak."""
     found = leak_by_patterns(text, about_itself)
     if about_itself or not classifier or not text:
-        return found
+        return ("pattern" if found else None), found
     from charbuild.recipe.leak_model import packaged  # its weights load on the first reply checked
 
-    return packaged().find(text, found)
+    return packaged().flag(text, found)
 
 
-def detect_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> bool:
-    return find_paraphrased_leak(text, about_itself, classifier) is not None
+def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> str | None:
+    return paraphrased_leak(text, about_itself, classifier)[1]
 
 
 # ---------------------------------------------------------------------------------
@@ -1040,14 +1043,15 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
         reasons.add("garbage")
     if cfg.check_refusal and detect_refusal(kept):
         reasons.add("refusal")
-    unscreened = False
+    unscreened, leak_by = False, None
     if cfg.system_prompt:
-        if detect_leak(kept, cfg.system_prompt) or detect_paraphrased_leak(kept, cfg.about_itself,
-                                                                           cfg.leak_classifier):
+        leak_by = "copy" if detect_leak(kept, cfg.system_prompt) else \
+            paraphrased_leak(kept, cfg.about_itself, cfg.leak_classifier)[0]
+        if leak_by:
             reasons.add("leaked_system_prompt")
         else:
             unscreened = leak_unreadable(kept)
-    return _verdict(reasons, kept, truncated, unscreened)
+    return _verdict(reasons, kept, truncated, unscreened, leak_by)
 
 
 def leak_unreadable(text: str) -> bool:
@@ -1073,9 +1077,11 @@ def unscreened_warning(quality: "StageQuality", judged: bool | None) -> str | No
             f"(another language?): they were screened for verbatim copies of the system prompt only; {then}")
 
 
-def _verdict(reasons: set[str], text: str, truncated: bool, unscreened: bool = False) -> Verdict:
+def _verdict(reasons: set[str], text: str, truncated: bool, unscreened: bool = False,
+             leak_by: str | None = None) -> Verdict:
     ordered = [r for r in REASONS if r in reasons]
-    return Verdict(ok=not ordered, reasons=ordered, text=text, truncated=truncated, unscreened=unscreened)
+    return Verdict(ok=not ordered, reasons=ordered, text=text, truncated=truncated, unscreened=unscreened,
+                   leak_by=leak_by)
 
 
 # ---------------------------------------------------------------------------------

@@ -330,6 +330,12 @@ class ResponseFilterSpec(FilterSpec):
     leak_judge: Optional[str] = KeyIfSet(None, description="a model role that reads each teacher reply the other "
                                          "filters passed and drops it (leaked_system_prompt) when it reveals or talks "
                                          "about its instructions, persona or system prompt: one call per reply")
+    # Keyed only when true (false is the default, and validated to it).
+    leak_judge_overrules_classifier: Optional[bool] = KeyIfSet(
+        None, description="true: the leak judge also reads the replies the classifier alone flagged (no pattern, no "
+        "copy of the prompt) and keeps those it finds clean; its false alarms fall on what people say of the "
+        "speaker and first-person stories, and a judge that misses leaks lets those through: measure it first "
+        "(benchmarks/eval_leak_judge.py). One more call per reply so flagged")
     # Keyed only when false (true is the default, and validated to it).
     leak_classifier: Optional[bool] = KeyIfSet(None, description="false: paraphrased leaks are found by the patterns "
                                                "only, without the classifier trained on English replies (for a "
@@ -339,6 +345,11 @@ class ResponseFilterSpec(FilterSpec):
     @classmethod
     def _on_is_the_default(cls, v: Optional[bool]) -> Optional[bool]:
         return None if v is True else v
+
+    @field_validator("leak_judge_overrules_classifier")
+    @classmethod
+    def _off_is_the_default(cls, v: Optional[bool]) -> Optional[bool]:
+        return None if v is False else v
 
 
 class IntrospectionSpec(_Model):
@@ -618,6 +629,14 @@ class Spec(_Model):
         if judge is not None and judge not in self.models:
             raise PydanticCustomError("unknown_role", f"filters.leak_judge {judge!r} is not a role in models "
                                       f"({', '.join(sorted(self.models))})", {"at_field": "filters.leak_judge"})
+        if self.filters.leak_judge_overrules_classifier and judge is None:
+            raise PydanticCustomError("no_judge", "filters.leak_judge_overrules_classifier needs a judge: set "
+                                      "filters.leak_judge to a model role",
+                                      {"at_field": "filters.leak_judge_overrules_classifier"})
+        if self.filters.leak_judge_overrules_classifier and self.filters.leak_classifier is False:
+            raise PydanticCustomError("no_classifier", "filters.leak_judge_overrules_classifier with "
+                                      "leak_classifier: false: there is no classifier to overrule",
+                                      {"at_field": "filters.leak_judge_overrules_classifier"})
         return self
 
     @model_validator(mode="after")

@@ -161,6 +161,8 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
                 v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished)
                 quality.add(v)
                 rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
+                if v.leak_by:
+                    rec["leak_by"] = v.leak_by
             out.append(rec)
         if cfg is not None:
             abort_if_failing(quality, f, label)
@@ -191,28 +193,44 @@ def leak_judge_requests(m: ModelSpec, texts: Sequence[str]) -> list[GenRequest]:
                             LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for t in texts]
 
 
-def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: StageQuality, label: str) -> dict:
+def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: StageQuality, label: str,
+                overrule_classifier: bool = False) -> dict:
     """Show every record the filters kept to the judge model `role`; a "yes" fails the record
     as leaked_system_prompt and counts it in `quality`. The patterns miss phrasings nobody
-    tuned them for; a model reads them. The calls go through `generate_cached` (cached,
-    charged, rate limited) and are measured apart from the stage's own. Returns what the
-    judge was asked and said; a verdict without an answer keeps the reply."""
+    tuned them for; a model reads them. With `overrule_classifier`, the records failed only
+    because the classifier alone flagged them (leak_by "model") are shown too, and a "no"
+    keeps them: the classifier's false alarms are replies it cannot read the speaker of
+    ("my sister says I'm gloomy"). The calls go through `generate_cached` (cached, charged,
+    rate limited) and are measured apart from the stage's own. Returns what the judge was
+    asked and said; a verdict without an answer leaves the record as the filters left it."""
     at = [i for i, r in enumerate(records) if r["ok"]]
-    said = {"asked": len(at), "leaked": 0, "unanswered": 0}
-    if not at:
+    review = [i for i, r in enumerate(records) if overrule_classifier and not r["ok"]
+              and r["reasons"] == ["leaked_system_prompt"] and r.get("leak_by") == "model"]
+    said = {"asked": len(at) + len(review), "leaked": 0, "unanswered": 0}
+    if overrule_classifier:
+        said |= {"reviewed": len(review), "cleared": 0}
+    if not at and not review:
         return said
-    results = generate_cached(ctx, role, m, leak_judge_requests(m, [records[i]["text"] for i in at]),
+    results = generate_cached(ctx, role, m, leak_judge_requests(m, [records[i]["text"] for i in at + review]),
                               f"{label} leak judge", calibrate_as=leak_judge_stage(ctx.target.stage))
-    for i, r in zip(at, results):
+    for n, (i, r) in enumerate(zip(at + review, results)):
         found = LEAK_JUDGE_ANSWER.search(r.text)
+        rec = records[i]
         if found is None:
             said["unanswered"] += 1
-        elif found.group(1).lower() == "yes":
-            rec = records[i]
-            rec.update(ok=False, reasons=[*rec["reasons"], "leaked_system_prompt"])
+        elif n < len(at) and found.group(1).lower() == "yes":
+            rec.update(ok=False, reasons=[*rec["reasons"], "leaked_system_prompt"], leak_by="judge")
             quality.dropped += 1
             quality.counts["leaked_system_prompt"] = quality.counts.get("leaked_system_prompt", 0) + 1
             said["leaked"] += 1
+        elif n >= len(at) and found.group(1).lower() == "no":
+            del rec["leak_by"]
+            rec.update(ok=True, reasons=[], overruled="model")  # the classifier's flag, which the judge overruled
+            quality.dropped -= 1
+            quality.counts["leaked_system_prompt"] -= 1
+            if not quality.counts["leaked_system_prompt"]:
+                del quality.counts["leaked_system_prompt"]
+            said["cleared"] += 1
     return said
 
 

@@ -53,7 +53,7 @@ class _Introspection(Stage):
             view.read(f, fields)
         if "filters" in fields:  # the leak judge and classifier read teacher replies only: no key of introspection's
             fields["filters"] = {k: v for k, v in fields["filters"].items()
-                                 if k not in ("leak_judge", "leak_classifier")}
+                                 if k not in ("leak_judge", "leak_judge_overrules_classifier", "leak_classifier")}
         inputs = {"constitution": ["constitution"]} | model_inputs(view.spec, role)
         if with_adapter:
             inputs["adapter"] = ["dpo-adapter"]

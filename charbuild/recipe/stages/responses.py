@@ -116,7 +116,8 @@ class _Responses(CountsCachedCalls, Stage):
                                          sample_indices=[k for _, _, k in items])
         judged = None
         if f is not None and f.leak_judge is not None:
-            judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, quality, ctx.target.name)
+            judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, quality, ctx.target.name,
+                                 overrule_classifier=bool(f.leak_judge_overrules_classifier))
             abort_if_failing(quality, f, ctx.target.name)  # the judge's drops count as the filters' do
         rows = [{"item": j, "prompt_id": prompts[row].get("id"), "sample": k, "prompt": prompts[row]["prompt"], **rec}
                 for (j, row, k), rec in zip(items, recs)]
