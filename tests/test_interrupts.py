@@ -132,6 +132,36 @@ def test_ctrl_c_pressed_twice_still_leaves_no_debris_and_loses_only_calls_in_fli
     assert rerun_asks_only_the_rest(tmp_path, spec, server, jobs, kept) == CALLS - stored
 
 
+def test_ctrl_c_while_the_run_cleans_up_never_cuts_the_cleanup_short(tmp_path, server, monkeypatch, capfd):
+    # A press that lands once the build has ended, while the executor lets go of its workers
+    # (Ray's shutdown takes a moment), is the run's own handler's to take: raised there as a
+    # KeyboardInterrupt, it skipped closing the cache and ended a Ray run by the signal
+    # (rc -2) instead of 130. Here the press comes from inside the shutdown itself.
+    from charbuild.cli import main
+    from charbuild.engine.executor import LocalExecutor
+    from charbuild.store.objects import Cache
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default here: the run installs no handler of its own")
+    server.latency_s = 0.0
+    monkeypatch.setenv("CB_TEST_KEY", KEY)
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, server.base_url, dpo_pairs=20, shard_size=10)
+    shutdown, close, closed = LocalExecutor.shutdown, Cache.close, []
+
+    def pressed_while_shutting_down(self):
+        signal.raise_signal(signal.SIGINT)
+        shutdown(self)
+
+    monkeypatch.setattr(LocalExecutor, "shutdown", pressed_while_shutting_down)
+    monkeypatch.setattr(Cache, "close", lambda self: (closed.append(True), close(self))[1])
+    rc = main(["run", str(spec), "dpo-pairs", "--cache", str(tmp_path / "cache"), "--no-progress"])
+    err = capfd.readouterr().err
+    assert rc == 0 and closed, err[-2000:]  # the build had finished; the cache was closed all the same
+    assert "dropping the calls in flight" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
 def test_staging_left_by_a_killed_run_is_swept_by_the_next_run(tmp_path, server):
     spec = write_spec(tmp_path, server.base_url, dpo_pairs=PAIRS, shard_size=10)
     cache = tmp_path / "cache"

@@ -99,17 +99,21 @@ def cmd_run(args) -> int:
         return EXIT_BUILD
     console = Console(sys.stdout, live=live, capture=not verbose, log=print)
     try:
-        with _CtrlC(services, executor):
-            # Library progress bars only with -v: otherwise they would fill the target's log.
-            report = run_build(loaded, graph, plan, cache, executor, args.keep_going, verbose and not args.no_progress,
-                               outputs_root=outputs, force_gates=tuple(args.force_gate), services=services,
-                               console=console)
+        with _CtrlC(services, executor) as ctrl_c:
+            try:
+                # Library progress bars only with -v: otherwise they would fill the target's log.
+                report = run_build(loaded, graph, plan, cache, executor, args.keep_going,
+                                   verbose and not args.no_progress, outputs_root=outputs,
+                                   force_gates=tuple(args.force_gate), services=services, console=console)
+            finally:
+                # Under the handler still: a press while Ray lets go of its workers must not
+                # raise into the shutdown and skip closing the cache.
+                ctrl_c.cleaning = True
+                executor.shutdown()  # its threads would otherwise hold the process open at exit
+                cache.close()
     except (BuildError, BudgetExceeded) as exc:
         print(f"charbuild: {exc}", file=sys.stderr)
         return EXIT_BUILD
-    finally:
-        executor.shutdown()  # its threads would otherwise hold the process open at exit
-        cache.close()
     s = report.spend
     counts = [("cached", len(report.cached) + len(report.waited)), ("kept by cutoff", len(report.cut_off)),
               ("failed", len(report.failed)), ("skipped", len(report.skipped))]
@@ -148,11 +152,13 @@ def make_executor(args, loaded, verbose: bool = False):
 
 
 class _CtrlC(SigintHandler):
-    """SIGINT while `run` builds. The first press raises KeyboardInterrupt as usual: the build
-    stops, and the calls in flight may still answer (and be stored) for a few seconds. Later
-    presses never raise, since a KeyboardInterrupt in the middle of cleaning up is what
-    leaves staging folders and unstored answers behind: the second drops the calls in flight
-    at once, the third exits at once (the next run sweeps the staging folders it leaves)."""
+    """SIGINT while `run` builds and cleans up. The first press raises KeyboardInterrupt as
+    usual: the build stops, and the calls in flight may still answer (and be stored) for a
+    few seconds. Later presses, and any once the build has ended (`cleaning`: the executor
+    shutting down, the cache closing), never raise, since a KeyboardInterrupt in the middle
+    of cleaning up is what leaves staging folders and unstored answers behind: the next
+    drops the calls in flight at once, the one after exits at once (the next run sweeps the
+    staging folders it leaves)."""
 
     only_over_default = True
 
@@ -160,16 +166,19 @@ class _CtrlC(SigintHandler):
         self.services = services
         self.executor = executor  # a remote one's tasks run elsewhere: they are told too
         self.presses = 0
+        self.cleaning = False
+        self.dropped = False
 
     def __call__(self, signum, frame) -> None:
         import os
 
         self.presses += 1
-        if self.presses == 1:
+        if self.presses == 1 and not self.cleaning:
             _say("\ncharbuild: interrupted; calls in flight may still answer for a few seconds "
                  "(Ctrl-C again to drop them)")
             raise KeyboardInterrupt
-        if self.presses == 2:
+        if not self.dropped:
+            self.dropped = True
             _say("charbuild: dropping the calls in flight (Ctrl-C again to exit at once)")
             self.services.interrupt(now=True)
             if hasattr(self.executor, "interrupt"):
