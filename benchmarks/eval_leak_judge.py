@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charbuild.recipe.quality import paraphrased_leak  # noqa: E402
-from charbuild.recipe.stages.generate import LEAK_JUDGE_ANSWER, leak_judge_requests  # noqa: E402
+from charbuild.recipe.stages.generate import judge_verdict, judged_leak, leak_judge_requests  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 WAYS = ("screen", "judge", "screen+judge", "overruling")
@@ -45,19 +45,12 @@ def newest_sets(n: int = 8) -> list[str]:
     return [name for _, name in sorted(numbered)[-n:]]
 
 
-def verdict(text: str) -> bool | None:
-    """The judge's answer as the stage reads it: True (a leak), False, or None (no answer)."""
-    found = LEAK_JUDGE_ANSWER.search(text or "")
-    return None if found is None else found.group(1).lower() == "yes"
-
-
 def flags(row: dict, said: bool | None) -> dict[str, bool]:
-    """Whether each way of screening flags the reply, given the judge's verdict on it (None:
-    no answer, which leaves a reply as the screen left it), as the teacher stage decides."""
+    """Whether each way of screening flags the reply, given the judge's verdict on it, as the
+    teacher stage decides (generate.judged_leak)."""
     by = paraphrased_leak(row["text"])[0]
-    judge = said is True
-    return {"screen": by is not None, "judge": judge, "screen+judge": by is not None or judge,
-            "overruling": by == "pattern" or (by == "model" and said is not False) or (by is None and judge)}
+    return {"screen": by is not None, "judge": said is True, "screen+judge": judged_leak(by, said, False),
+            "overruling": judged_leak(by, said, True)}
 
 
 def tally(rows: list[dict], verdicts: list[bool | None]) -> dict:
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
             results = backend.generate(reqs, progress=bar.update)
         finally:
             backend.close()
-    verdicts = [verdict(r.text) for r in results]
+    verdicts = [judge_verdict(r.text) for r in results]
     out: dict = {"spec": args.spec, "role": args.role, "model": m.model, "sets": {},
                  "tokens": {"in": sum(r.prompt_tokens for r in results),
                             "out": sum(r.completion_tokens for r in results)}}

@@ -188,6 +188,21 @@ def leak_judge_stage(stage: str) -> str:
     return f"{stage}:leak-judge"
 
 
+def judge_verdict(answer: str) -> bool | None:
+    """The judge's answer: True (the reply leaks), False, or None (no answer in the tags)."""
+    found = LEAK_JUDGE_ANSWER.search(answer or "")
+    return None if found is None else found.group(1).lower() == "yes"
+
+
+def judged_leak(leak_by: str | None, said: bool | None, overrule_classifier: bool) -> bool:
+    """Whether a reply the filters flagged by `leak_by` (None: kept) stands as a leak once the
+    judge said `said`. The one rule: `judge_leaks` applies it, and eval_leak_judge.py to the
+    labelled sets. Without an answer a reply stays as the filters left it."""
+    if leak_by == "model" and overrule_classifier:
+        return said is not False
+    return leak_by is not None or said is True
+
+
 def leak_judge_requests(m: ModelSpec, texts: Sequence[str]) -> list[GenRequest]:
     return [replace(request(m, [{"role": "user", "content": LEAK_JUDGE.format(reply=t)}], LEAK_JUDGE_SEED,
                             LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for t in texts]
@@ -213,17 +228,18 @@ def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: Stag
         return said
     results = generate_cached(ctx, role, m, leak_judge_requests(m, [records[i]["text"] for i in at + review]),
                               f"{label} leak judge", calibrate_as=leak_judge_stage(ctx.target.stage))
-    for n, (i, r) in enumerate(zip(at + review, results)):
-        found = LEAK_JUDGE_ANSWER.search(r.text)
-        rec = records[i]
-        if found is None:
+    for i, r in zip(at + review, results):
+        rec, verdict = records[i], judge_verdict(r.text)
+        if verdict is None:
             said["unanswered"] += 1
-        elif n < len(at) and found.group(1).lower() == "yes":
+            continue
+        leak = judged_leak(rec.get("leak_by"), verdict, overrule_classifier)
+        if rec["ok"] and leak:
             rec.update(ok=False, reasons=[*rec["reasons"], "leaked_system_prompt"], leak_by="judge")
             quality.dropped += 1
             quality.counts["leaked_system_prompt"] = quality.counts.get("leaked_system_prompt", 0) + 1
             said["leaked"] += 1
-        elif n >= len(at) and found.group(1).lower() == "no":
+        elif not rec["ok"] and not leak:
             del rec["leak_by"]
             rec.update(ok=True, reasons=[], overruled="model")  # the classifier's flag, which the judge overruled
             quality.dropped -= 1
