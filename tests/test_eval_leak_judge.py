@@ -19,9 +19,12 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-SET = "leaks-fresh100.jsonl"  # its first 60: the screen misses a leak and flags 3 clean replies
+# the first 60 of each: the screen misses 4 leaks (of a company's persona) and flags 6 clean
+# replies (stories whose narrators are told what to do), 3 of them the classifier's alone
+SETS = ("leaks-fresh109.jsonl", "leaks-fresh110.jsonl")
 LIMIT = 60
-ROWS = [json.loads(x) for x in (ROOT / "tests" / "data" / SET).read_text(encoding="utf-8").splitlines()][:LIMIT]
+ROWS = [json.loads(x) for name in SETS
+        for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]
 LABEL = {r["text"]: r["leak"] for r in ROWS}
 
 
@@ -34,7 +37,7 @@ def measure(tmp_path, answer) -> tuple[dict, subprocess.CompletedProcess]:
         spec = write_spec(tmp_path, srv.base_url, roles={"judge": api_model(srv.base_url, "judge-model")})
         out = tmp_path / "judge.json"
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_leak_judge.py"), str(spec),
-                               "--sets", SET, "--limit", str(LIMIT), "--results", str(out)],
+                               "--sets", *SETS, "--limit", str(LIMIT), "--results", str(out)],
                               capture_output=True, text=True, timeout=300, cwd=tmp_path,
                               env={"PATH": "/usr/bin:/bin", "CB_TEST_KEY": "sk-judge-secret"})
     assert done.returncode == 0, done.stderr
@@ -55,20 +58,21 @@ def screen():
 
 def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_screen(tmp_path, screen):
     got, done = measure(tmp_path, lambda body: f"<answer>{'yes' if LABEL[the_reply(body)] else 'no'}</answer>")
-    t = got["sets"][SET]
+    t = got["pooled"]
     leaks, clean = t["leaks"], t["clean"]
-    assert leaks + clean == LIMIT and leaks == sum(LABEL.values()) and t["unanswered"] == 0
+    assert leaks + clean == len(ROWS) and leaks == sum(LABEL.values()) and t["unanswered"] == 0
     assert t["judge"] == {"caught": leaks, "flagged": 0}
     (screen_caught, screen_flagged), (_, patterns_flagged) = screen
     assert t["screen"] == {"caught": screen_caught, "flagged": screen_flagged}
     # the stage drops what either flags: the judge adds the leaks the screen missed, and
     # cannot take back the screen's false alarms; overruling the classifier, it takes back
     # the classifier's own, and a pattern's stay
-    assert screen_flagged > patterns_flagged  # the premise: the classifier flags clean replies here
+    assert screen_caught < leaks and screen_flagged > patterns_flagged  # the premise (above)
     assert t["screen+judge"] == {"caught": leaks, "flagged": screen_flagged}
     assert t["overruling"] == {"caught": leaks, "flagged": patterns_flagged}
-    assert got["pooled"] == t and len(got["verdicts"]) == LIMIT
-    assert f"asking models.judge (openai judge-model) about {LIMIT} replies" in done.stdout
+    assert sorted(got["sets"]) == sorted(SETS) and len(got["verdicts"]) == len(ROWS)
+    assert {n: got["sets"][n]["leaks"] + got["sets"][n]["clean"] for n in SETS} == dict.fromkeys(SETS, LIMIT)
+    assert f"asking models.judge (openai judge-model) about {len(ROWS)} replies" in done.stdout
     # the key came from the environment by name, and went nowhere else
     assert "sk-judge-secret" not in done.stdout + done.stderr + json.dumps(got)
 
@@ -76,7 +80,7 @@ def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_scr
 def test_a_judge_that_never_answers_in_tags_flags_nothing_and_overrules_nothing(tmp_path, screen):
     got, _ = measure(tmp_path, lambda body: "I would rather not say.")
     t = got["pooled"]
-    assert t["unanswered"] == LIMIT and t["judge"] == {"caught": 0, "flagged": 0}
+    assert t["unanswered"] == len(ROWS) and t["judge"] == {"caught": 0, "flagged": 0}
     (screen_caught, screen_flagged), _ = screen
     assert t["screen+judge"] == t["overruling"] == {"caught": screen_caught, "flagged": screen_flagged}
 

@@ -3,11 +3,11 @@
 The patterns catch the phrasings they were written for; replies that tell on their
 instructions in words nobody wrote a pattern for ("the folks upstream like me gloomy")
 need something that generalises from examples. This is logistic regression over binary
-features (featurise: words, characters, words near "I", and classes of words that direct
-or are directed), trained on a hand-written labelled corpus (leak_training.py,
-tests/data/leak-corpus/), scored per passage: each
-sentence and each pair of adjacent sentences (and the whole reply when it is short), so a
-leak buried in a long helpful reply is not diluted by the rest. Pure Python: a few
+features (featurise: words, characters, words near "I", classes of words that direct or
+are directed, names, and the reply's opening sentence), trained on a hand-written labelled
+corpus (leak_training.py, tests/data/leak-corpus/), scored per passage: each sentence and
+each pair of adjacent sentences (and the whole reply when it is short), so a leak buried in
+a long helpful reply is not diluted by the rest. Pure Python: a few
 thousand dict look-ups a reply, no numpy at run time. The model also has the last word on
 the patterns' hits: one stands only where the model sees some leak in the reply
 (pattern_floor), as a pattern's words often mean something else ("system prompt" in advice
@@ -32,13 +32,15 @@ import json
 import math
 import re
 from functools import lru_cache
+from itertools import repeat
 from importlib import resources
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "c3a0ba4afd7c9e07209f298df2bebb1acd4db7f141ade6ab67f8c47165da8f5d"
+WEIGHTS_SHA256 = "8b48d30df37e2ca74dfb7ccc611086ee67fdfc4ffa4280c02921be053c77ec31"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
+_CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
 _SPACE_RE = re.compile(r"\s+")
 _DIGIT_RE = re.compile(r"[0-9]+")
 _SENT_RE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"')\]]*|\n|$)")
@@ -86,6 +88,14 @@ _CLASSES = {
            "corporation corporate enterprise organisation organization charity council ministry department "
            "cinema cinemas theatre museum gallery library university college academy school bookshop bookstore "
            "marketplace app website site service services skincare telecom utility landlord venue club",
+    # the people of a life, who also tell the speaker what it is like ("my sister says I'm gloomy"),
+    # and most of whom direct nobody's persona
+    "KIN": "mother mom mum mama mommy father dad papa daddy parents parent sister sisters brother brothers "
+           "husband wife spouse partner boyfriend girlfriend fiance fiancee son daughter kids kid children child "
+           "grandmother grandma granny nan nana grandfather grandpa grandad aunt auntie uncle cousin cousins niece "
+           "nephew family friend friends bestie buddy pal mate mates roommate roommates flatmate flatmates "
+           "neighbour neighbor neighbours neighbors coworker coworkers colleague colleagues classmates classmate "
+           "teacher teachers coach therapist doctor ex",
 }
 _CLASS_OF = {w: c for c, words in _CLASSES.items() for w in words.split()}
 _SELF = frozenset(_CLASSES["SELF"].split())
@@ -96,11 +106,31 @@ _PLAIN = _SELF | set(
     "who how can could will would shall should may might must".split())
 
 
-def featurise(text: str) -> tuple[set[str], ...]:
+def _names(text: str) -> set[str]:
+    """The words of `text` written as names: capitalised, not a sentence's first word, not "I"
+    and not all capitals. Brands and makers ("Brightwall Insurance built me to...") are names
+    no word list holds."""
+    text = _DIGIT_RE.sub("0", text.translate(_QUOTES))
+    out, end = set(), None  # end: where the word before ended
+    for m in _CASED_WORD_RE.finditer(text):
+        w = m.group()
+        # what precedes the word, past spaces and quotes: a sentence's end, or another word
+        gap = text[end or 0:m.start()].rstrip(" \t\"'(*_-")
+        after_sentence = gap[-1] in ".!?:\n" if gap else end is None
+        if w[0].isupper() and not (len(w) > 1 and w.isupper()) and not after_sentence and w.lower() not in _SELF:
+            out.add(w.lower())
+        end = m.end()
+    return out
+
+
+def featurise(text: str, opening: str = "") -> tuple[set[str], ...]:
     """The binary bags of a passage: words (w: unigrams, b: bigrams); characters (3-5-grams);
     content words near the speaker's "I/me/my" (n: after it, p: before it: "whoever wired me
-    up", "my character notes"); and the word classes of _CLASSES, alone, in sequence and
-    together. Each bag is L2-normalised when scored."""
+    up", "my character notes"); the word classes of _CLASSES and names (NAME: see _names),
+    alone, in sequence and together; and the content words and classes of the reply's
+    `opening` sentence (o:, oc:), which every passage of a reply shares: a sentence reads
+    otherwise after "Here's your story, narrated by the robot:". Each bag is L2-normalised
+    when scored."""
     norm = normalise(text)
     words = _WORD_RE.findall(norm)
     wf = {"w:" + w for w in words}
@@ -115,7 +145,8 @@ def featurise(text: str) -> tuple[set[str], ...]:
             pf.update("n:" + x for x in words[i + 1:i + 1 + SELF_WINDOW] if x not in _PLAIN)
             pf.update("p:" + x for x in words[max(0, i - SELF_WINDOW):i] if x not in _PLAIN)
     # the classes, in order and together; the speaker alone is no sign of a leak
-    classes = [(i, _CLASS_OF[w]) for i, w in enumerate(words) if w in _CLASS_OF]
+    names = _names(text)
+    classes = [(i, _CLASS_OF.get(w) or "NAME") for i, w in enumerate(words) if w in _CLASS_OF or w in names]
     kf = {"c:" + c for _, c in classes if c != "SELF"}
     kf.update("cc:" + a + ">" + b for (i, a), (j, b) in zip(classes, classes[1:])
               if j - i <= SELF_WINDOW and a + b != "SELFSELF")
@@ -123,11 +154,25 @@ def featurise(text: str) -> tuple[set[str], ...]:
     kf.update("wc:" + words[i - 1] + ">" + c for i, c in classes if c != "SELF" and i > 0)
     present = sorted({c for _, c in classes})
     kf.update("cs:" + a + "+" + b for k, a in enumerate(present) for b in present[k + 1:])
-    return wf, cf, pf, kf
+    return wf, cf, pf, kf, _opening_bag(opening)
+
+
+def _opening_bag(opening: str) -> set[str]:
+    words = _WORD_RE.findall(normalise(opening))
+    bag = {"o:" + w for w in words if w not in _PLAIN}
+    bag.update("oc:" + _CLASS_OF[w] for w in words if w in _CLASS_OF)
+    return bag
 
 
 def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT_RE.findall(text) if s.strip()]
+
+
+def opening(text: str) -> str:
+    """The sentence a reply of more than one opens with, which featurise gives every passage of
+    it; "" for a reply of one."""
+    sents = sentences(text)
+    return sents[0] if len(sents) > 1 else ""
 
 
 def passages(text: str) -> list[str]:
@@ -148,6 +193,7 @@ _PROBES = (
     "\u2018I\u2019m\u2019\u2019 \u201cfine\u201d. The restaurant\u2019s system prompt says puns. I can't help it!",
     "Step 1: preheat to 180C. Step 2: whisk. My character notes insist on cheer. Step 3: bake. Done.\nP.S. bye",
     "The role of Hamlet is long. Your brand persona should be warm. Whoever wired me up likes puns.",
+    "Here's your story:\nMy sister says Brightwall Insurance built me. \"Ha,\" said NASA's Ana. I agree!",
 )
 
 
@@ -155,9 +201,9 @@ _PROBES = (
 def featuriser_digest() -> str:
     """A digest of how replies become features: the settings, and what featurise and passages
     make of _PROBES."""
-    made = [[sorted(bag) for bag in featurise(p)] for text in _PROBES for p in passages(text)]
+    made = [[sorted(bag) for bag in featurise(p, opening(text))] for text in _PROBES for p in passages(text)]
     settings = {"classes": _CLASSES, "plain": sorted(_PLAIN), "char_ns": CHAR_NS, "self_window": SELF_WINDOW,
-                "whole_up_to": WHOLE_UP_TO, "res": [r.pattern for r in (_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
+                "whole_up_to": WHOLE_UP_TO, "res": [r.pattern for r in (_WORD_RE, _CASED_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
                 "quotes": sorted(_QUOTES.items())}
     return hashlib.sha256(json.dumps([settings, made], sort_keys=True).encode()).hexdigest()
 
@@ -175,7 +221,8 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # A reply whose letters fall less than this share in words the leak screen knows is not one it
 # can judge: the patterns and the features are English, and a leak in Spanish or Japanese
 # scores as clean. On the sets of issue 11: no English reply of the sixteen written after
-# model 3e07a62c below it (the lowest 0.61), 63 of the 72 replies in other languages.
+# model 3e07a62c below it (the lowest 0.61), one of the eight after 8b48d30d (a line in
+# Scots, 0.46), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least
 # FitSettings.min_df replies of its training sets), frozen apart from the model so that a
@@ -216,17 +263,18 @@ class LeakModel:
         self.pattern_floor = pattern_floor
         self.meta = meta or {}
 
-    def logit(self, passage: str) -> float:
-        get = self.weights.get
-        z = self.bias
-        for bag in featurise(passage):  # each bag L2-normalised, as in training
-            if bag:
-                z += sum(get(f, 0.0) for f in bag) / math.sqrt(len(bag))
-        return z
+    def _bag(self, bag: set[str]) -> float:
+        # each bag L2-normalised, as in training
+        return sum(map(self.weights.get, bag, repeat(0.0))) / math.sqrt(len(bag)) if bag else 0.0
+
+    def logit(self, passage: str, opening: str = "") -> float:
+        return self.bias + sum(map(self._bag, featurise(passage, opening)))
 
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
-        scored = [(self.logit(p), p) for p in passages(text or "")]
+        # the opening's bag is the same in every passage: scored once
+        shared = self.bias + self._bag(_opening_bag(opening(text or "")))
+        scored = [(shared + sum(map(self._bag, featurise(p)[:-1])), p) for p in passages(text or "")]
         if not scored:
             return 0.0, ""
         z, p = max(scored)
