@@ -32,8 +32,8 @@ import json
 import math
 import re
 from functools import lru_cache
-from itertools import repeat
 from importlib import resources
+from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
@@ -203,7 +203,8 @@ def featuriser_digest() -> str:
     make of _PROBES."""
     made = [[sorted(bag) for bag in featurise(p, opening(text))] for text in _PROBES for p in passages(text)]
     settings = {"classes": _CLASSES, "plain": sorted(_PLAIN), "char_ns": CHAR_NS, "self_window": SELF_WINDOW,
-                "whole_up_to": WHOLE_UP_TO, "res": [r.pattern for r in (_WORD_RE, _CASED_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
+                "whole_up_to": WHOLE_UP_TO,
+                "res": [r.pattern for r in (_WORD_RE, _CASED_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
                 "quotes": sorted(_QUOTES.items())}
     return hashlib.sha256(json.dumps([settings, made], sort_keys=True).encode()).hexdigest()
 
