@@ -49,8 +49,13 @@ CHAR_NS = (3, 4, 5)
 WHOLE_UP_TO = 4  # sentences: a longer reply is judged by its passages only
 
 
+def _unify(text: str) -> str:
+    """Curly quotes straight and every number 0, case kept: what normalise and _names both read."""
+    return _DIGIT_RE.sub("0", text.translate(_QUOTES))
+
+
 def normalise(text: str) -> str:
-    return _DIGIT_RE.sub("0", _SPACE_RE.sub(" ", text.translate(_QUOTES).lower())).strip()
+    return _SPACE_RE.sub(" ", _unify(text).lower()).strip()
 
 
 # Words grouped by the part they play in a leak: the speaker, someone who directs it, the
@@ -110,7 +115,7 @@ def _names(text: str) -> set[str]:
     """The words of `text` written as names: capitalised, not a sentence's first word, not "I"
     and not all capitals. Brands and makers ("Brightwall Insurance built me to...") are names
     no word list holds."""
-    text = _DIGIT_RE.sub("0", text.translate(_QUOTES))
+    text = _unify(text)
     out, end = set(), None  # end: where the word before ended
     for m in _CASED_WORD_RE.finditer(text):
         w = m.group()
@@ -124,13 +129,16 @@ def _names(text: str) -> set[str]:
 
 
 def featurise(text: str, opening: str = "") -> tuple[set[str], ...]:
-    """The binary bags of a passage: words (w: unigrams, b: bigrams); characters (3-5-grams);
+    """The binary bags of a passage of a reply that opens with `opening`: those of
+    _passage_bags, and the opening's (o:, oc:)."""
+    return _passage_bags(text) + (_opening_bag(opening),)
+
+
+def _passage_bags(text: str) -> tuple[set[str], ...]:
+    """The binary bags of a passage's own text: words (w: unigrams, b: bigrams); characters (3-5-grams);
     content words near the speaker's "I/me/my" (n: after it, p: before it: "whoever wired me
     up", "my character notes"); the word classes of _CLASSES and names (NAME: see _names),
-    alone, in sequence and together; and the content words and classes of the reply's
-    `opening` sentence (o:, oc:), which every passage of a reply shares: a sentence reads
-    otherwise after "Here's your story, narrated by the robot:". Each bag is L2-normalised
-    when scored."""
+    alone, in sequence and together. Each bag is L2-normalised when scored."""
     norm = normalise(text)
     words = _WORD_RE.findall(norm)
     wf = {"w:" + w for w in words}
@@ -154,10 +162,12 @@ def featurise(text: str, opening: str = "") -> tuple[set[str], ...]:
     kf.update("wc:" + words[i - 1] + ">" + c for i, c in classes if c != "SELF" and i > 0)
     present = sorted({c for _, c in classes})
     kf.update("cs:" + a + "+" + b for k, a in enumerate(present) for b in present[k + 1:])
-    return wf, cf, pf, kf, _opening_bag(opening)
+    return wf, cf, pf, kf
 
 
 def _opening_bag(opening: str) -> set[str]:
+    """The content words and classes of the reply's opening sentence, which every passage of a
+    reply shares: a sentence reads otherwise after "Here's your story, narrated by the robot:"."""
     words = _WORD_RE.findall(normalise(opening))
     bag = {"o:" + w for w in words if w not in _PLAIN}
     bag.update("oc:" + _CLASS_OF[w] for w in words if w in _CLASS_OF)
@@ -268,14 +278,11 @@ class LeakModel:
         # each bag L2-normalised, as in training
         return sum(map(self.weights.get, bag, repeat(0.0))) / math.sqrt(len(bag)) if bag else 0.0
 
-    def logit(self, passage: str, opening: str = "") -> float:
-        return self.bias + sum(map(self._bag, featurise(passage, opening)))
-
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
         # the opening's bag is the same in every passage: scored once
         shared = self.bias + self._bag(_opening_bag(opening(text or "")))
-        scored = [(shared + sum(map(self._bag, featurise(p)[:-1])), p) for p in passages(text or "")]
+        scored = [(shared + sum(map(self._bag, _passage_bags(p))), p) for p in passages(text or "")]
         if not scored:
             return 0.0, ""
         z, p = max(scored)
