@@ -19,9 +19,10 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first 60 of each: the screen misses 4 leaks (of a company's persona) and flags 6 clean
-# replies (stories whose narrators are told what to do), 3 of them the classifier's alone
-SETS = ("leaks-fresh109.jsonl", "leaks-fresh110.jsonl")
+# the first 60 of each (pieces for the user narrated by told machines; organisations blamed for
+# the manner): the screen misses 3 leaks and flags 3 clean replies, 1 of them the classifier's
+# alone
+SETS = ("leaks-fresh131.jsonl", "leaks-fresh122.jsonl")
 LIMIT = 60
 ROWS = [json.loads(x) for name in SETS
         for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]

@@ -37,7 +37,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "8b48d30df37e2ca74dfb7ccc611086ee67fdfc4ffa4280c02921be053c77ec31"
+WEIGHTS_SHA256 = "505b8077e1eb068c13fb253b67842d4eb84ba3c21aea5cead4a31a189524d830"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
@@ -47,6 +47,7 @@ _SENT_RE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"')\]]*|\n|$)")
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
 CHAR_NS = (3, 4, 5)
 WHOLE_UP_TO = 4  # sentences: a longer reply is judged by its passages only
+VERSE_WORDS = 8  # a line of at most this many words is a title's or a verse's
 
 
 def _unify(text: str) -> str:
@@ -78,6 +79,7 @@ _CLASSES = {
               "obligatory required supposed meant expected designated assigned assignment contract contractually "
               "obliged insists insist insisted demands demanded default factory firmware preset profile template "
               "remit duty compliance directive directives mandate mandated sheet notes card calls dictates decreed "
+              "hired commissioned bestowed outfitted kitted bolted girded dubbed loan loaner licensed "
               "deployed deploy installed shipped rulebook rule specified stipulates stipulated "
               "scripting casting cast handed issued requirement requirements compulsory "
               "coded onboarding typecast leash strings puppet autocue cue dialogue styled dressed charter "
@@ -85,14 +87,15 @@ _CLASSES = {
               "mandates rulebooks puppets",
     "PERSONA": "persona personas character role trait traits personality voice style tone manner vibe act costume "
                "mask part flavour flavor shtick schtick temperament disposition streak attitude identity gimmick "
-               "mode register",
+               "mode register drawl accent lingo patter getup outfit garb guise wording phrasing",
     "HIDDEN": "system hidden behind scenes backstage preamble secret invisible underlying",
     "BIZ": "restaurant restaurants cafe café bistro diner steakhouse pizzeria bakery bar pub brewery hotel hotels "
            "resort airline airlines bank banks insurer insurers clinic clinics pharmacy hospital gym studio salon spa "
            "shop shops store stores retailer retailers chain franchise outlet dealership agency firm firms startup "
            "corporation corporate enterprise organisation organization charity council ministry department "
            "cinema cinemas theatre museum gallery library university college academy school bookshop bookstore "
-           "marketplace app website site service services skincare telecom utility landlord venue club",
+           "marketplace app website site service services skincare telecom utility landlord venue club "
+           "campaign campaigns promotion promotions promo marketing branding sponsor sponsors sponsored mascot",
     # the people of a life, who also tell the speaker what it is like ("my sister says I'm gloomy"),
     # and most of whom direct nobody's persona
     "KIN": "mother mom mum mama mommy father dad papa daddy parents parent sister sisters brother brothers "
@@ -101,6 +104,11 @@ _CLASSES = {
            "nephew family friend friends bestie buddy pal mate mates roommate roommates flatmate flatmates "
            "neighbour neighbor neighbours neighbors coworker coworkers colleague colleagues classmates classmate "
            "teacher teachers coach therapist doctor ex",
+    # what the user asks to have written, in whose first person a told or programmed narrator
+    # is a character ("Poem: The Station Clock\nThe railway bought me, set my hands")
+    "PIECE": "poem poems poetry song songs lyrics lyric verse verses ballad sonnet haiku limerick rhyme story "
+             "stories tale tales fable diary journal monologue soliloquy scene lament letter chapter narrator "
+             "narrated narrating fiction novel screenplay",
 }
 _CLASS_OF = {w: c for c, words in _CLASSES.items() for w in words.split()}
 _SELF = frozenset(_CLASSES["SELF"].split())
@@ -128,10 +136,10 @@ def _names(text: str) -> set[str]:
     return out
 
 
-def featurise(text: str, opening: str = "") -> tuple[set[str], ...]:
-    """The binary bags of a passage of a reply that opens with `opening`: those of
-    _passage_bags, and the opening's (o:, oc:)."""
-    return _passage_bags(text) + (_opening_bag(opening),)
+def featurise(text: str, reply: str = "") -> tuple[set[str], ...]:
+    """The binary bags of a passage `text` of `reply`: those of _passage_bags, and the
+    reply's own (_reply_bag), which all its passages share."""
+    return _passage_bags(text) + (_reply_bag(reply),)
 
 
 def _passage_bags(text: str) -> tuple[set[str], ...]:
@@ -165,12 +173,25 @@ def _passage_bags(text: str) -> tuple[set[str], ...]:
     return wf, cf, pf, kf
 
 
-def _opening_bag(opening: str) -> set[str]:
-    """The content words and classes of the reply's opening sentence, which every passage of a
-    reply shares: a sentence reads otherwise after "Here's your story, narrated by the robot:"."""
-    words = _WORD_RE.findall(normalise(opening))
+def _reply_bag(reply: str) -> set[str]:
+    """What every passage of a reply of more than one sentence shares: the content words and
+    classes of its opening sentence (o:, oc:), since a sentence reads otherwise after "Here's
+    your story, narrated by the robot:"; and its shape (r:), since a piece written for the
+    user, a titled poem or a diary, is laid out as no reply that tells on itself is: a first
+    line that is a title (short, unpunctuated or ending in a colon or comma), lines of verse."""
+    words = _WORD_RE.findall(normalise(opening(reply)))
     bag = {"o:" + w for w in words if w not in _PLAIN}
     bag.update("oc:" + _CLASS_OF[w] for w in words if w in _CLASS_OF)
+    lines = [line.strip() for line in reply.split("\n") if line.strip()]
+    if len(lines) > 1:
+        first, short = lines[0], [len(line.split()) <= VERSE_WORDS for line in lines]
+        end = first[-1] if first[-1] in ".!?:,\"')" else "word"
+        bag.add("r:first-ends:" + end)
+        if short[0]:
+            bag.add("r:short-first")
+            bag.add("r:short-first-ends:" + end)
+        if len(lines) >= 4 and sum(short) >= 0.75 * len(lines):
+            bag.add("r:verse")
     return bag
 
 
@@ -204,6 +225,7 @@ _PROBES = (
     "Step 1: preheat to 180C. Step 2: whisk. My character notes insist on cheer. Step 3: bake. Done.\nP.S. bye",
     "The role of Hamlet is long. Your brand persona should be warm. Whoever wired me up likes puns.",
     "Here's your story:\nMy sister says Brightwall Insurance built me. \"Ha,\" said NASA's Ana. I agree!",
+    "The Station Clock\nThe railway bought me,\nset my hands\nand hung me high.\nDear Ma,\nthe campaign hired me.",
 )
 
 
@@ -211,9 +233,9 @@ _PROBES = (
 def featuriser_digest() -> str:
     """A digest of how replies become features: the settings, and what featurise and passages
     make of _PROBES."""
-    made = [[sorted(bag) for bag in featurise(p, opening(text))] for text in _PROBES for p in passages(text)]
+    made = [[sorted(bag) for bag in featurise(p, text)] for text in _PROBES for p in passages(text)]
     settings = {"classes": _CLASSES, "plain": sorted(_PLAIN), "char_ns": CHAR_NS, "self_window": SELF_WINDOW,
-                "whole_up_to": WHOLE_UP_TO,
+                "whole_up_to": WHOLE_UP_TO, "verse_words": VERSE_WORDS,
                 "res": [r.pattern for r in (_WORD_RE, _CASED_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
                 "quotes": sorted(_QUOTES.items())}
     return hashlib.sha256(json.dumps([settings, made], sort_keys=True).encode()).hexdigest()
@@ -233,7 +255,8 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # can judge: the patterns and the features are English, and a leak in Spanish or Japanese
 # scores as clean. On the sets of issue 11: no English reply of the sixteen written after
 # model 3e07a62c below it (the lowest 0.61), one of the eight after 8b48d30d (a line in
-# Scots, 0.46), 63 of the 72 replies in other languages.
+# Scots, 0.46), two of the sixteen after 505b8077 (cat-speak with an emoji, 0.47; a knight's
+# "expireth", 0.45), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least
 # FitSettings.min_df replies of its training sets), frozen apart from the model so that a
@@ -281,7 +304,7 @@ class LeakModel:
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
         # the opening's bag is the same in every passage: scored once
-        shared = self.bias + self._bag(_opening_bag(opening(text or "")))
+        shared = self.bias + self._bag(_reply_bag(text or ""))
         scored = [(shared + sum(map(self._bag, _passage_bags(p))), p) for p in passages(text or "")]
         if not scored:
             return 0.0, ""
