@@ -303,7 +303,7 @@ class LeakModel:
 
     def best_passage(self, text: str) -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
-        # the opening's bag is the same in every passage: scored once
+        # the reply's bag is the same in every passage: scored once
         shared = self.bias + self._bag(_reply_bag(text or ""))
         scored = [(shared + sum(map(self._bag, _passage_bags(p))), p) for p in passages(text or "")]
         if not scored:

@@ -57,7 +57,8 @@ sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0% 
 At 2% the folds catch 97.3% (model c3a0ba4a), and the eight writers after it drew 5.1%
 (98.1% caught): 2.7% over six, 12.9% and 11.4% on two steered to the kinds it confuses
 (tests/test_leaks.py). Model 8b48d30d (97.6% out of fold): 3.9% over the sixteen after it
-(97.6% caught); model 505b8077 (97.7%): 2.5% over the sixteen after it (98.2% caught). One new set of 140 clean replies moves the rate by 0.7 points a reply.
+(97.6% caught); model 505b8077 (97.7%): 2.5% over the sixteen after it (98.2% caught). One
+new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
 on the folds of whole sets (at 5% false alarms: 96.3% at 1e-6, 95.7% at 1e-5, 94.9% at
