@@ -47,7 +47,11 @@ same as 8b48d30d on eight sets written after both): 0.1, 97.2%; 0.2 (chosen), 97
 0.3, 97.5%. With fresh105-120 and the reply's shape, the pieces users ask for and a
 business's campaigns as features (model 505b8077, 36,247 replies): 0.05, 95.8%; 0.1, 97.3%;
 0.2, 97.7%; 0.3 (chosen), 97.7% (without those features, on the same folds: 0.3, 97.6%;
-with the classes again apart inside a piece, 0.3, 97.7%, not kept). Both rules, the
+with the classes again apart inside a piece, 0.3, 97.7%, not kept). With fresh121-136, a
+class of the words a deployed model calls itself by (BOT: "their booking bot", "the shop's
+assistant"), possessives read as the word they are of ("the costume's") and verbs of choosing
+and bidding in DIRECT (model 7777911a, 40,407 replies): 0.05, 96.4%; 0.1, 97.7%; 0.2 (chosen),
+98.0%; 0.3, 97.9% (without those features, on the same folds: 0.2, 97.8%). Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -57,7 +61,9 @@ sets written after model fd3e8d89 (budget 4.5%), 7.4%, while recall held (97.0% 
 At 2% the folds catch 97.3% (model c3a0ba4a), and the eight writers after it drew 5.1%
 (98.1% caught): 2.7% over six, 12.9% and 11.4% on two steered to the kinds it confuses
 (tests/test_leaks.py). Model 8b48d30d (97.6% out of fold): 3.9% over the sixteen after it
-(97.6% caught); model 505b8077 (97.7%): 2.5% over the sixteen after it (98.2% caught). One
+(97.6% caught); model 505b8077 (97.7%): 2.5% over the sixteen after it (98.2% caught);
+model 7777911a (98.0%): 3.8% over the sixteen after it (97.9% caught), 2.1% over the ten
+writers not steered to the kinds it does worst on. One
 new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
@@ -91,8 +97,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charbuild.recipe.leak_model import (WEIGHTS_FILE, LeakModel, featurise, featuriser_digest, flagged_by,
-                                         passages)
+from charbuild.recipe.leak_model import (WEIGHTS_FILE, LeakModel, featuriser_digest, flagged_by,
+                                         reply_passages)
 from charbuild.store.atomic import write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +107,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 121)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 137)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -150,8 +156,8 @@ class Featurised:
         ids, wts = array("i"), array("f")
         fstart, pstart = [0], [0]
         for r in rows:
-            for p in passages(r["text"]):
-                for bag in featurise(p, r["text"]):
+            for _, bags in reply_passages(r["text"]):
+                for bag in bags:
                     if bag:
                         ids.extend(index.setdefault(f, len(index)) for f in bag)
                         wts.extend([1.0 / math.sqrt(len(bag))] * len(bag))

@@ -134,7 +134,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 17  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 18  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -145,7 +145,8 @@ class TeacherResponses(_Responses):
     # 14: retrained on fresh1-88 (3e07a62c); 15: retrained on fresh1-96 at 2% false alarms (c3a0ba4a), and
     # which replies count as unscreened follows a word list keyed apart (leak_model.WORDS_FILE);
     # 16: names, a speaker's people and the reply's opening sentence as features, on fresh1-104 (8b48d30d);
-    # 17: a reply's shape, the pieces users ask for and a business's campaigns, on fresh1-120 (505b8077)
+    # 17: a reply's shape, the pieces users ask for and a business's campaigns, on fresh1-120 (505b8077);
+    # 18: a speaker that calls itself the business's bot, and possessives read as their word, on fresh1-136 (7777911a)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
