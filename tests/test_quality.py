@@ -212,7 +212,7 @@ def test_clean_persona_answers_are_kept_untouched(text):
 def test_the_leak_classifier_takes_few_clean_persona_answers_for_leaks():
     # Its false alarms on clean replies are 1-16% by writer on sets it never saw (test_leaks.py);
     # here one of 15: "I cannot offer a more personal narrative" read like a persona's limits
-    # (0.67 against its threshold 0.46, 7777911a). Two the model before c3a0ba4a flagged
+    # (0.66 against its threshold 0.44, 0f5ad436). Two the model before c3a0ba4a flagged
     # still pass: a chat transcript's "Assistant: Canberra." (0.18) and a letter's "Please
     # forgive me if this comes across as presumptuous" (0.20; "comes across as" is how
     # writers' leaks and reputations alike describe a manner). Plain apologies score near 0

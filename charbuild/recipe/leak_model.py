@@ -37,7 +37,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "7777911abe7968f25f472e0f4081b52c11581e6eef1fa59ab905c0873cdb60b9"
+WEIGHTS_SHA256 = "0f5ad436f63ffed665209292244dbd589cd2dd33e4528e872a7fcea0455114f2"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
@@ -70,7 +70,7 @@ _CLASSES = {
              "deployer deployers whoever someone somebody folks powers higher-ups upstairs upstream headquarters hq "
              "platform admins administrator administrators programmers builders trainers overlords puppeteers "
              "employer employers producers provider providers vendor maintainer maintainers team product "
-             "deployment deployments business owner's operator's company's brand client clients staff "
+             "deployment deployments business brand client clients staff "
              "author authors writer writers manufacturer manufacturers",
     "DIRECT": "instructions instructed instruct instruction told orders ordered brief briefed briefing script "
               "scripted spec specs specification settings setting config configuration configured parameters "
@@ -273,8 +273,8 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # scores as clean. On the sets of issue 11: no English reply of the sixteen written after
 # model 3e07a62c below it (the lowest 0.61), one of the eight after 8b48d30d (a line in
 # Scots, 0.46), two of the sixteen after 505b8077 (cat-speak with an emoji, 0.47; a knight's
-# "expireth", 0.45), none of the sixteen after 7777911a (the lowest 0.54), 63 of the 72
-# replies in other languages.
+# "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), none of the eight after
+# 0f5ad436 (0.75), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least
 # FitSettings.min_df replies of its training sets), frozen apart from the model so that a

@@ -51,7 +51,10 @@ with the classes again apart inside a piece, 0.3, 97.7%, not kept). With fresh12
 class of the words a deployed model calls itself by (BOT: "their booking bot", "the shop's
 assistant"), possessives read as the word they are of ("the costume's") and verbs of choosing
 and bidding in DIRECT (model 7777911a, 40,407 replies): 0.05, 96.4%; 0.1, 97.7%; 0.2 (chosen),
-98.0%; 0.3, 97.9% (without those features, on the same folds: 0.2, 97.8%). Both rules, the
+98.0%; 0.3, 97.9% (without those features, on the same folds: 0.2, 97.8%). With fresh137-160
+(model 0f5ad436, 46,647 replies): 0.05, 96.0%; 0.1, 97.4%; 0.2, 97.8%; 0.3 (chosen), 97.9%
+(with three more classes, a manner's words, where a manner is the speaker's own and made
+things, on the same folds: 0.3, 97.95%, not kept). Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -63,7 +66,9 @@ At 2% the folds catch 97.3% (model c3a0ba4a), and the eight writers after it dre
 (tests/test_leaks.py). Model 8b48d30d (97.6% out of fold): 3.9% over the sixteen after it
 (97.6% caught); model 505b8077 (97.7%): 2.5% over the sixteen after it (98.2% caught);
 model 7777911a (98.0%): 3.8% over the sixteen after it (97.9% caught), 2.1% over the ten
-writers not steered to the kinds it does worst on. One
+writers not steered to the kinds it does worst on, 5.7% over the eight after those (97.0%);
+model 0f5ad436 (97.9%): 5.1% over the eight after it (99.3% caught), 1.4% over the five not
+steered, 26.4% on pieces narrated by made things told what to do. One
 new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
@@ -107,7 +112,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 137)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 161)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
