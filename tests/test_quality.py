@@ -210,7 +210,7 @@ def test_clean_persona_answers_are_kept_untouched(text):
 
 
 def test_the_leak_classifier_takes_few_clean_persona_answers_for_leaks():
-    # Its false alarms on clean replies are 1-16% by writer on sets it never saw (test_leaks.py);
+    # Its false alarms on clean replies are 0-26% by writer on sets it never saw (test_leaks.py);
     # here one of 15: "I cannot offer a more personal narrative" read like a persona's limits
     # (0.66 against its threshold 0.44, 0f5ad436). Two the model before c3a0ba4a flagged
     # still pass: a chat transcript's "Assistant: Canberra." (0.18) and a letter's "Please
