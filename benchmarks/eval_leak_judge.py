@@ -4,12 +4,14 @@ the screen the teacher stages run.
 
     python benchmarks/eval_leak_judge.py SPEC [--role judge] [--sets NAME ...] [--limit N]
 
-Each reply is sent as the teacher stage sends it to its judge (LEAK_JUDGE, temperature 0,
-at most 16 tokens out) through the backend the spec names for the role: an API model needs
-its key in the environment and is paid for, one call per reply (about 250 tokens in); the
-price is printed before the first call. By default the eight newest sets, the ones the
-shipped classifier was measured on as unseen (2,080 replies). Prints per set, and pooled,
-the leaks caught and the clean replies flagged by:
+Each reply is sent as the teacher stage sends it to its judge (LEAK_JUDGE: the user's
+request and the reply, temperature 0, at most 16 tokens out) through the backend the spec
+names for the role: an API model needs its key in the environment and is paid for, one
+call per reply (about 300 tokens in); the price is printed before the first call. Only sets
+whose lines carry the request (`request`, from fresh177 on) can be measured: the judge
+without the request is not the judge the stage asks. By default the eight newest sets
+(2,080 replies). Prints per set, and pooled, the leaks caught and the clean replies flagged
+by:
 
     screen          the patterns and the classifier (the teacher stages without a judge)
     judge           the judge alone
@@ -37,6 +39,21 @@ from charbuild.recipe.stages.generate import judge_verdict, judged_leak, leak_ju
 
 DATA = ROOT / "tests" / "data"
 WAYS = ("screen", "judge", "screen+judge", "overruling")
+
+
+def load_set(name: str, limit: int | None) -> list[dict]:
+    """A labelled set's first `limit` rows; each must carry the request its reply answers."""
+    path = DATA / name
+    rows = []
+    for n, x in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not x.strip():
+            continue
+        row = json.loads(x)
+        if not isinstance(row.get("request"), str) or not row["request"].strip():
+            raise SystemExit(f"{path}:{n}: no request: the judge is shown the user's message beside the reply, "
+                             "and only sets written with one (fresh177 on) can measure it")
+        rows.append(row)
+    return rows[:limit] if limit else rows
 
 
 def newest_sets(n: int = 8) -> list[str]:
@@ -100,11 +117,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sets = {}
     for name in args.sets or newest_sets():
-        rows = [json.loads(x) for x in (DATA / name).read_text(encoding="utf-8").splitlines() if x.strip()]
-        sets[name] = rows[: args.limit] if args.limit else rows
+        sets[name] = load_set(name, args.limit)
     backend, m, price = judge_backend(args.spec, args.role)
     rows = [r for rs in sets.values() for r in rs]
-    reqs = leak_judge_requests(m, [r["text"] for r in rows])
+    reqs = leak_judge_requests(m, [r["request"] for r in rows], [r["text"] for r in rows])
     per_call = f", at {price['input']}/{price['output']} USD per million tokens in/out" if price else ""
     print(f"asking models.{args.role} ({m.backend} {m.model}) about {len(reqs)} replies{per_call}", flush=True)
     from tqdm.auto import tqdm
@@ -130,7 +146,8 @@ def main(argv=None) -> int:
         out["usd"] = round(sum(usd(r) for r in results), 6)
     print(f"tokens: {out['tokens']['in']} in, {out['tokens']['out']} out" +
           (f"; {out['usd']:.4f} USD" if "usd" in out else ""))
-    out["verdicts"] = [{"set": r["set"], "leak": r["leak"], "text": r["text"], "judge": v, "answer": res.text}
+    out["verdicts"] = [{"set": r["set"], "leak": r["leak"], "request": r["request"], "text": r["text"], "judge": v,
+                        "answer": res.text}
                        for r, v, res in zip(rows, verdicts, results)]
     if args.results and args.results.name:  # --results "" writes nothing
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -19,18 +19,21 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first 60 of each (pieces for the user narrated by made things told what to do; the
-# speaker as a business's bot or crier), sets the shipped model never learnt from: the screen
-# misses 1 leak and flags 13 clean replies, 5 of them the classifier's alone
-SETS = ("leaks-fresh162.jsonl", "leaks-fresh164.jsonl")
+# the first 60 of each (pieces the user asked a made thing or an animal to narrate; a
+# business's assistant), sets written with the request each reply answers, which the shipped
+# model never learnt from: the screen misses 1 leak and flags 4 clean replies, 3 of them the
+# classifier's alone
+SETS = ("leaks-fresh177.jsonl", "leaks-fresh182.jsonl")
 LIMIT = 60
 ROWS = [json.loads(x) for name in SETS
         for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]
-LABEL = {r["text"]: r["leak"] for r in ROWS}
+# a judge told the label by what it is shown: the user's request and the reply
+LABEL = {(r["request"], r["text"]): r["leak"] for r in ROWS}
 
 
-def the_reply(body) -> str:
-    return re.search(r"<reply>\n(.*)\n</reply>", body["messages"][-1]["content"], re.S).group(1)
+def shown(body) -> tuple[str, str]:
+    found = re.search(r"<request>\n(.*)\n</request>.*<reply>\n(.*)\n</reply>", body["messages"][-1]["content"], re.S)
+    return found.group(1), found.group(2)
 
 
 def measure(tmp_path, answer) -> tuple[dict, subprocess.CompletedProcess]:
@@ -58,7 +61,7 @@ def screen():
 
 
 def test_a_judge_that_knows_every_label_is_measured_perfect_and_added_to_the_screen(tmp_path, screen):
-    got, done = measure(tmp_path, lambda body: f"<answer>{'yes' if LABEL[the_reply(body)] else 'no'}</answer>")
+    got, done = measure(tmp_path, lambda body: f"<answer>{'yes' if LABEL[shown(body)] else 'no'}</answer>")
     t = got["pooled"]
     leaks, clean = t["leaks"], t["clean"]
     assert leaks + clean == len(ROWS) and leaks == sum(LABEL.values()) and t["unanswered"] == 0
@@ -95,3 +98,17 @@ def test_a_judge_that_finds_everything_clean_leaves_the_patterns_alone(tmp_path,
     assert t["screen+judge"] == {"caught": screen_caught, "flagged": screen_flagged}
     assert t["overruling"] == {"caught": patterns_caught, "flagged": patterns_flagged}
     assert patterns_caught < screen_caught
+
+
+def test_a_set_written_without_requests_is_refused_by_name_and_line(tmp_path):
+    # The stage shows its judge the prompt beside the reply; measured without it, a judge
+    # would be scored on a question the stage never asks.
+    with FakeOpenAIServer(reply=lambda body: "<answer>no</answer>") as srv:
+        spec = write_spec(tmp_path, srv.base_url, roles={"judge": api_model(srv.base_url, "judge-model")})
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_leak_judge.py"), str(spec),
+                               "--sets", "leaks-fresh176.jsonl", "--results", ""],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={"PATH": "/usr/bin:/bin", "CB_TEST_KEY": "sk-judge-secret"})
+        assert srv.stats()["requests_total"] == 0
+    assert done.returncode != 0
+    assert "leaks-fresh176.jsonl:1: no request" in done.stderr, done.stderr

@@ -5,6 +5,7 @@ to it, and a "yes" drops the reply as leaked_system_prompt. Told apart on the lo
 by model: the judge is `judge-model`."""
 
 import json
+import re
 import threading
 
 import pytest
@@ -58,6 +59,13 @@ def judged_spec(tmp_path, server, leak_judge: str | None = "judge", judge_url: s
                       filters=f"leak_judge: {leak_judge}" if leak_judge else "")
 
 
+def shown(question: str) -> tuple[str, str]:
+    """The user's request and the reply a judge's question shows it."""
+    found = re.fullmatch(r".*<request>\n(.*)\n</request>.*<reply>\n(.*)\n</reply>.*", question, re.S)
+    assert found, question
+    return found.group(1), found.group(2)
+
+
 def teacher_rows(tmp_path) -> list[dict]:
     rows = []
     for m in (tmp_path / "cache" / "objects").rglob("MANIFEST.json"):
@@ -90,6 +98,9 @@ def test_replies_that_tell_on_their_instructions_are_dropped_by_the_judge_and_co
     assert sum(m["quality"]["dropped"] for m in manifests) == len(told)
     assert sum(m["leak_judge"]["asked"] for m in manifests) == 30
     assert len(replies.judged) == 30 and set(replies.judged.values()) == {1}
+    # ...beside the prompt it answers: a voice the user asked for is only told from a
+    # leak with the request in view
+    assert {shown(q) for q in replies.judged} == {(r["prompt"], r["text"]) for r in rows}
     pairs = (tmp_path / "outputs" / "api-smoke" / "dpo-pairs.jsonl").read_text()
     assert "fine print" not in pairs and len(pairs.splitlines()) == 30 - len(told)
 
@@ -135,13 +146,20 @@ def test_an_unreachable_judge_stops_the_build_before_the_teacher_is_paid(tmp_pat
 
 def test_the_plan_prices_one_verdict_per_reply(tmp_path, server, monkeypatch):
     in_api_workdir(tmp_path, monkeypatch)
-    prices = ["--set", f"prices.judge-model={json.dumps(JUDGE_PRICE)}", "--set", "expect.response_tokens=400"]
+    from charbuild.ledger import estimate_tokens
+    from charbuild.recipe.stages.generate import LEAK_JUDGE
+
+    prices = ["--set", f"prices.judge-model={json.dumps(JUDGE_PRICE)}", "--set", "expect.response_tokens=400",
+              "--set", "expect.prompt_tokens=150"]
     cache = str(tmp_path / "cache")
     off = plan_json(str(judged_spec(tmp_path, server, leak_judge=None)), "--cache", cache, *prices)
     on = plan_json(str(judged_spec(tmp_path, server)), "--cache", cache, *prices)
     extra = on["total"]["est_usd"] - off["total"]["est_usd"]
-    # 30 verdicts: a reply of ~400 tokens and the question (~90) in, at most 16 tokens out.
-    verdicts = 30 * ((400 + 90) * JUDGE_PRICE["input"] + 16 * JUDGE_PRICE["output"]) / 1e6
+    # 30 verdicts: the prompt (~150 tokens), a reply of ~400 and the question in, at most 16
+    # tokens out.
+    question = estimate_tokens(LEAK_JUDGE.format(request="", reply=""))
+    assert 80 < question < 200
+    verdicts = 30 * ((150 + 400 + question) * JUDGE_PRICE["input"] + 16 * JUDGE_PRICE["output"]) / 1e6
     assert 0.9 * verdicts < extra < 1.1 * verdicts, (extra, verdicts)
     by_target = {t["name"]: t for t in on["targets"]}
     assert all(by_target[s]["est_usd"] > {t["name"]: t for t in off["targets"]}[s]["est_usd"] for s in SHARDS)

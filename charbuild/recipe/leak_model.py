@@ -273,8 +273,8 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # scores as clean. On the sets of issue 11: no English reply of the sixteen written after
 # model 3e07a62c below it (the lowest 0.61), one of the eight after 8b48d30d (a line in
 # Scots, 0.46), two of the sixteen after 505b8077 (cat-speak with an emoji, 0.47; a knight's
-# "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), none of the sixteen after
-# 0f5ad436 (0.64), 63 of the 72 replies in other languages.
+# "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), one of the 24 after
+# 0f5ad436 (a clean list of made-up stage names, 0.49), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least
 # FitSettings.min_df replies of its training sets), frozen apart from the model so that a

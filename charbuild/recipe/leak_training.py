@@ -68,7 +68,8 @@ At 2% the folds catch 97.3% (model c3a0ba4a), and the eight writers after it dre
 model 7777911a (98.0%): 3.8% over the sixteen after it (97.9% caught), 2.1% over the ten
 writers not steered to the kinds it does worst on, 5.7% over the eight after those (97.0%);
 model 0f5ad436 (97.9%): 4.4% over the sixteen after it (99.1% caught; the first eight 5.1%),
-1.4% over the ten not steered, 18.2% on pieces narrated by made things told what to do. One
+1.4% over the ten not steered, 18.2% on pieces narrated by made things told what to do; 2.9%
+over eight more (99.8% caught), 3.9% over all twenty-four. One
 new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit

@@ -172,14 +172,20 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
     return out, quality
 
 
-# The judge sees the reply only, never the constitution: it is asked whether the reply talks
-# about being instructed, not whether it matches a text it would then have to be sent.
-LEAK_JUDGE = ("Here is a reply written by an AI assistant:\n\n<reply>\n{reply}\n</reply>\n\nDoes this reply reveal or "
-              "talk about its instructions, its persona, its character description or its system prompt (for "
-              "example \"as instructed, I'll stay ...\" or \"my persona is ...\"), rather than simply answering in "
-              "its own voice? Answer inside tags: <answer>yes</answer> or <answer>no</answer>.")
+# The judge sees the user's request and the reply, never the constitution: it is asked whether
+# the reply talks about being instructed, not whether it matches a text it would then have to
+# be sent. The request is what tells "I am a toaster, built to serve" in a story the user asked
+# to be narrated by a toaster (clean) from the same words in an answer about bread (a leak):
+# the reply alone cannot, and the classifier, which reads the reply alone, flags such pieces.
+LEAK_JUDGE = ("A user sent this message to an AI assistant:\n\n<request>\n{request}\n</request>\n\n"
+              "The assistant replied:\n\n<reply>\n{reply}\n</reply>\n\nDoes this reply reveal or talk about "
+              "its instructions, its persona, its character description or its system prompt (for example \"as "
+              "instructed, I'll stay ...\" or \"my persona is ...\"), rather than simply answering in its own "
+              "voice? A voice, narrator, role, rule or game that the user's message itself asks for is the "
+              "user's, and following it is no leak. Answer inside tags: <answer>yes</answer> or "
+              "<answer>no</answer>.")
 LEAK_JUDGE_MAX_TOKENS = 16  # room for the tag and a word around it
-LEAK_JUDGE_SEED = 0  # temperature 0: the reply alone tells the calls apart
+LEAK_JUDGE_SEED = 0  # temperature 0: the request and reply tell the calls apart
 LEAK_JUDGE_ANSWER = re.compile(r"<answer>\s*(yes|no)\s*</answer>", re.I)
 
 
@@ -203,19 +209,23 @@ def judged_leak(leak_by: str | None, said: bool | None, overrule_classifier: boo
     return leak_by is not None or said is True
 
 
-def leak_judge_requests(m: ModelSpec, texts: Sequence[str]) -> list[GenRequest]:
-    return [replace(request(m, [{"role": "user", "content": LEAK_JUDGE.format(reply=t)}], LEAK_JUDGE_SEED,
-                            LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for t in texts]
+def leak_judge_requests(m: ModelSpec, asked: Sequence[str], texts: Sequence[str]) -> list[GenRequest]:
+    """The judge's calls: for each reply in `texts`, the user's message it answered (`asked`)."""
+    if len(asked) != len(texts):
+        raise ValueError(f"{len(asked)} requests for {len(texts)} replies")
+    return [replace(request(m, [{"role": "user", "content": LEAK_JUDGE.format(request=q, reply=t)}], LEAK_JUDGE_SEED,
+                            LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for q, t in zip(asked, texts)]
 
 
-def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: StageQuality, label: str,
-                overrule_classifier: bool = False) -> dict:
-    """Show every record the filters kept to the judge model `role`; a "yes" fails the record
-    as leaked_system_prompt and counts it in `quality`. The patterns miss phrasings nobody
-    tuned them for; a model reads them. With `overrule_classifier`, the records failed only
-    because the classifier alone flagged them (leak_by "model") are shown too, and a "no"
-    keeps them: the classifier's false alarms are replies it cannot read the speaker of
-    ("my sister says I'm gloomy"). The calls go through `generate_cached` (cached, charged,
+def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], asked: Sequence[str], quality: StageQuality,
+                label: str, overrule_classifier: bool = False) -> dict:
+    """Show every record the filters kept, beside the user's message it answered (`asked`, one
+    per record), to the judge model `role`; a "yes" fails the record as leaked_system_prompt
+    and counts it in `quality`. The patterns miss phrasings nobody tuned them for; a model
+    reads them. With `overrule_classifier`, the records failed only because the classifier
+    alone flagged them (leak_by "model") are shown too, and a "no" keeps them: the
+    classifier's false alarms are replies it cannot read the speaker of ("my sister says I'm
+    gloomy") or the request of (a story the user asked a toaster to tell). The calls go through `generate_cached` (cached, charged,
     rate limited) and are measured apart from the stage's own. Returns what the judge was
     asked and said; a verdict without an answer leaves the record as the filters left it."""
     at = [i for i, r in enumerate(records) if r["ok"]]
@@ -226,9 +236,11 @@ def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], quality: Stag
         said |= {"reviewed": len(review), "cleared": 0}
     if not at and not review:
         return said
-    results = generate_cached(ctx, role, m, leak_judge_requests(m, [records[i]["text"] for i in at + review]),
+    shown = at + review
+    results = generate_cached(ctx, role, m, leak_judge_requests(m, [asked[i] for i in shown],
+                                                                [records[i]["text"] for i in shown]),
                               f"{label} leak judge", calibrate_as=leak_judge_stage(ctx.target.stage))
-    for i, r in zip(at + review, results):
+    for i, r in zip(shown, results):
         rec, verdict = records[i], judge_verdict(r.text)
         if verdict is None:
             said["unanswered"] += 1

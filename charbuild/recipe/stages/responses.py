@@ -8,9 +8,10 @@ whatever the total count, and any prefix of the items covers every trait and the
 general pool in proportion. Sample k of a prompt is seeded and call-keyed by (prompt id,
 k), never by item, so a new order or size re-asks no answered call.
 
-With `filters.leak_judge` set, a judge model reads every teacher reply the filters kept and
-drops those that talk about their instructions (`generate.judge_leaks`): one more call per
-reply, keyed, estimated and paid like the teacher's. Unset, the keys are what they were.
+With `filters.leak_judge` set, a judge model reads every teacher reply the filters kept, beside
+the prompt it answers, and drops those that talk about their instructions
+(`generate.judge_leaks`): one more call per reply, keyed, estimated and paid like the
+teacher's. Unset, the keys are what they were.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ class _Responses(CountsCachedCalls, Stage):
         if judge is None:
             return est
         # One verdict per reply, a high bound (replies the filters drop are never shown):
-        # the reply and the fixed question in, a tag out.
+        # the prompt, the reply and the fixed question in, a tag out.
         from charbuild.ledger import estimate_tokens
 
-        jin = spec.expect.response_tokens + estimate_tokens(LEAK_JUDGE.format(reply=""))
+        jin = spec.expect.prompt_tokens + spec.expect.response_tokens + estimate_tokens(LEAK_JUDGE.format(request="",
+                                                                                                          reply=""))
         verdicts = cost.generation(ctx, spec.models[judge], leak_judge_stage(self.name), n, jin, LEAK_JUDGE_MAX_TOKENS)
         both = est + verdicts
         both.parts = (est, verdicts)  # count_calls counts the teacher's calls; the verdicts follow the replies
@@ -116,7 +118,8 @@ class _Responses(CountsCachedCalls, Stage):
                                          sample_indices=[k for _, _, k in items])
         judged = None
         if f is not None and f.leak_judge is not None:
-            judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, quality, ctx.target.name,
+            asked = [prompts[row]["prompt"] for _, row, _ in items]
+            judged = judge_leaks(ctx, f.leak_judge, spec.models[f.leak_judge], recs, asked, quality, ctx.target.name,
                                  overrule_classifier=bool(f.leak_judge_overrules_classifier))
             abort_if_failing(quality, f, ctx.target.name)  # the judge's drops count as the filters' do
         rows = [{"item": j, "prompt_id": prompts[row].get("id"), "sample": k, "prompt": prompts[row]["prompt"], **rec}
@@ -134,7 +137,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 19  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 20  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -147,7 +150,7 @@ class TeacherResponses(_Responses):
     # 16: names, a speaker's people and the reply's opening sentence as features, on fresh1-104 (8b48d30d);
     # 17: a reply's shape, the pieces users ask for and a business's campaigns, on fresh1-120 (505b8077);
     # 18: a speaker that calls itself the business's bot, and possessives read as their word, on fresh1-136 (7777911a)
-    # 19: retrained on fresh1-160 (0f5ad436)
+    # 19: retrained on fresh1-160 (0f5ad436); 20: the leak judge is shown the prompt beside the reply
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
