@@ -165,6 +165,40 @@ def test_the_plan_prices_one_verdict_per_reply(tmp_path, server, monkeypatch):
     assert all(by_target[s]["est_usd"] > {t["name"]: t for t in off["targets"]}[s]["est_usd"] for s in SHARDS)
 
 
+def test_a_judge_named_after_the_teacher_answered_is_priced_for_every_reply_it_will_read(tmp_path, server, replies,
+                                                                                         monkeypatch):
+    # The teacher's replies are in the call cache and nobody has judged them: the plan
+    # prices a verdict for each reply the screen keeps (not nothing, as if a cached reply had
+    # been judged when it was answered), and the run asks exactly those.
+    in_api_workdir(tmp_path, monkeypatch)
+    cache = str(tmp_path / "cache")
+    assert run(str(judged_spec(tmp_path, server, leak_judge=None)), *SHARDS, "--cache", cache) == 0
+    teacher_calls = server.stats()["completed"]
+    prices = ["--set", f"prices.judge-model={json.dumps(JUDGE_PRICE)}"]
+
+    def shards_usd(spec, cache):
+        return sum(t["est_usd"] for t in plan_json(str(spec), "--cache", cache, *prices)["targets"] if t["name"] in SHARDS)
+
+    # what the verdicts of 30 new replies cost, as a plan on an empty cache prices them
+    judged_share = shards_usd(judged_spec(tmp_path, server), str(tmp_path / "empty")) - shards_usd(
+        judged_spec(tmp_path, server, leak_judge=None), str(tmp_path / "empty"))
+    assert judged_share > 0
+    spec = judged_spec(tmp_path, server)
+    prices = ["--cache", cache, *prices]
+    planned = {t["name"]: t for t in plan_json(str(spec), *prices)["targets"]}
+    assert abs(sum(planned[s]["est_usd"] for s in SHARDS) - judged_share) < 0.01 * judged_share
+    for s in SHARDS:
+        assert planned[s]["calls"]["leak_judge"] == {"cached": 0, "new": 10}, planned[s]["calls"]
+        assert planned[s]["calls"]["new"] == 10  # the teacher's own are all answered
+    assert run(str(spec), *SHARDS, *prices) == 0
+    assert server.stats()["completed"] - teacher_calls == 30 == len(replies.judged)
+    # judged once, the verdicts are answered calls: a rebuild (a new min_chars rekeys the
+    # shards, every reply still passes it) is planned at nothing and asks nothing
+    again = {t["name"]: t for t in plan_json(str(spec), *prices, "--set", "filters.min_chars=21")["targets"]}
+    assert all(again[s]["calls"]["leak_judge"] == {"cached": 10, "new": 0} and again[s]["est_usd"] == 0
+               for s in SHARDS)
+
+
 class AlwaysTells(TeacherAndJudge):
     """Every teacher reply tells on its instructions: the judge drops them all."""
 

@@ -133,6 +133,29 @@ def abort_if_failing(quality: StageQuality, f: FilterSpec, label: str) -> None:
             f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
 
 
+def screened(r: GenResult, cfg: FilterConfig | None):
+    """(the record a data stage writes for reply `r`, taken out of its reasoning; the quality
+    filters' verdict on it, None unfiltered). Unfiltered, a reply still fails when it is
+    empty or its reasoning never finished. `generate_checked` screens each reply as it comes,
+    and a plan the replies already answered (`_Responses.count_verdicts`), by this one rule."""
+    unfinished = r.meta.get("reasoning") == "unfinished"
+    rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
+           "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+           # whether this sample is what its seed determines (backends.base.SEED_HONOURED)
+           "seed": r.meta.get("seed", "unknown")}
+    if "reasoning" in r.meta:  # only then, so that replies without reasoning keep their bytes
+        rec["reasoning"] = r.meta["reasoning"]
+    if cfg is None:
+        reasons = ["unfinished_thinking"] if unfinished else [] if r.text.strip() else ["empty"]
+        rec.update(text=r.text, ok=not reasons, reasons=reasons)
+        return rec, None
+    v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished)
+    rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
+    if v.leak_by:
+        rec["leak_by"] = v.leak_by
+    return rec, v
+
+
 def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], cfg: FilterConfig | None,
                      f: FilterSpec | None, label: str, chunk: int = 32,
                      sample_indices: Sequence[int] | None = None,
@@ -147,22 +170,9 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
 
     def check(results: list[GenResult]) -> None:
         for r in results:
-            unfinished = r.meta.get("reasoning") == "unfinished"
-            rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
-                   "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                   # whether this sample is what its seed determines (backends.base.SEED_HONOURED)
-                   "seed": r.meta.get("seed", "unknown")}
-            if "reasoning" in r.meta:  # only then, so that replies without reasoning keep their bytes
-                rec["reasoning"] = r.meta["reasoning"]
-            if cfg is None:
-                reasons = ["unfinished_thinking"] if unfinished else [] if r.text.strip() else ["empty"]
-                rec.update(text=r.text, ok=not reasons, reasons=reasons)
-            else:
-                v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished)
+            rec, v = screened(r, cfg)
+            if v is not None:
                 quality.add(v)
-                rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
-                if v.leak_by:
-                    rec["leak_by"] = v.leak_by
             out.append(rec)
         if cfg is not None:
             abort_if_failing(quality, f, label)
@@ -217,6 +227,16 @@ def leak_judge_requests(m: ModelSpec, asked: Sequence[str], texts: Sequence[str]
                             LEAK_JUDGE_MAX_TOKENS), temperature=0.0) for q, t in zip(asked, texts)]
 
 
+def shown_to_judge(records: Sequence[dict], overrule_classifier: bool) -> list[int]:
+    """Which records the leak judge reads, in the order it is asked: those the filters kept,
+    then (`overrule_classifier`) those failed by the classifier alone. The one rule for
+    `judge_leaks` and for a plan counting the verdicts already answered."""
+    at = [i for i, r in enumerate(records) if r["ok"]]
+    review = [i for i, r in enumerate(records) if overrule_classifier and not r["ok"]
+              and r["reasons"] == ["leaked_system_prompt"] and r.get("leak_by") == "model"]
+    return at + review
+
+
 def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], asked: Sequence[str], quality: StageQuality,
                 label: str, overrule_classifier: bool = False) -> dict:
     """Show every record the filters kept, beside the user's message it answered (`asked`, one
@@ -228,15 +248,12 @@ def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], asked: Sequen
     gloomy") or the request of (a story the user asked a toaster to tell). The calls go through `generate_cached` (cached, charged,
     rate limited) and are measured apart from the stage's own. Returns what the judge was
     asked and said; a verdict without an answer leaves the record as the filters left it."""
-    at = [i for i, r in enumerate(records) if r["ok"]]
-    review = [i for i, r in enumerate(records) if overrule_classifier and not r["ok"]
-              and r["reasons"] == ["leaked_system_prompt"] and r.get("leak_by") == "model"]
-    said = {"asked": len(at) + len(review), "leaked": 0, "unanswered": 0}
+    shown = shown_to_judge(records, overrule_classifier)
+    said = {"asked": len(shown), "leaked": 0, "unanswered": 0}
     if overrule_classifier:
-        said |= {"reviewed": len(review), "cleared": 0}
-    if not at and not review:
+        said |= {"reviewed": sum(1 for i in shown if not records[i]["ok"]), "cleared": 0}
+    if not shown:
         return said
-    shown = at + review
     results = generate_cached(ctx, role, m, leak_judge_requests(m, [asked[i] for i in shown],
                                                                 [records[i]["text"] for i in shown]),
                               f"{label} leak judge", calibrate_as=leak_judge_stage(ctx.target.stage))

@@ -25,8 +25,9 @@ from charbuild.recipe.leak_model import WORDS_FILE
 from charbuild.recipe.stages.common import (data_digest, local_model_resources, model_inputs, read_jsonl, sample_seed,
                                           write_jsonl)
 from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
-                                             filter_config, generate_checked, judge_leaks, leak_judge_stage, request,
-                                             seed_counts)
+                                             filter_config, generate_checked, judge_leaks, leak_judge_requests,
+                                             leak_judge_stage, request, screened, seed_counts, shown_to_judge,
+                                             without_reasoning)
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -77,12 +78,45 @@ class _Responses(CountsCachedCalls, Stage):
         if parts is None:
             return super().count_calls(ctx, est)
         counted = super().count_calls(ctx, parts[0])
-        if counted is None:
+        verdicts = self.count_verdicts(ctx) if counted is not None else None
+        if verdicts is None:
             return None
         own, calls = counted
-        total = calls["cached"] + calls["new"]
-        # A cached reply was judged when it was answered: only new replies need a verdict.
-        return own + parts[1].scaled(calls["new"] / max(1, total)), calls
+        # the verdicts are calls too: the plan's "N of M calls cached" counts them
+        calls = {**calls, "cached": calls["cached"] + verdicts["cached"], "new": calls["new"] + verdicts["new"],
+                 "leak_judge": verdicts}
+        return own + parts[1].scaled(verdicts["new"] / max(1, ctx.target.params["count"])), calls
+
+    def count_verdicts(self, ctx) -> dict | None:
+        """{"cached", "new"}: the leak judge's verdicts this shard will ask for, answered or
+        not. A verdict's call holds the reply it judges, so a reply already answered (in the
+        call cache) is screened as `run` screens it, and the verdict `run` would ask of it is
+        looked up: replies answered before the judge was named, or judged by another judge
+        model or question, need new ones. A reply not answered yet counts as one new verdict
+        (a high bound: the filters may drop it)."""
+        call_cache = getattr(ctx.services, "call_cache", None)
+        if call_cache is None:
+            return None
+        from charbuild.backends.cached import call_identity, call_key, from_entry, occurrence_indices
+
+        f = ctx.spec.filters
+        try:
+            m, c, system, prompts, items, reqs = self._requests(ctx)
+        except (OSError, ValueError, KeyError):
+            return None  # an input is unreadable: `run` will say so
+        ident = call_identity(ctx, self.role, m)
+        entries = call_cache.get_many([call_key(*ident, r, k) for r, (_, _, k) in zip(reqs, items)])
+        cfg = filter_config(f, c.language, system)
+        answered = [(row, screened(without_reasoning(from_entry(e)), cfg)[0])
+                    for (_, row, _), e in zip(items, entries) if e is not None]
+        records = [rec for _, rec in answered]
+        shown = shown_to_judge(records, bool(f.leak_judge_overrules_classifier))
+        judge = ctx.spec.models[f.leak_judge]
+        jreqs = leak_judge_requests(judge, [prompts[answered[i][0]]["prompt"] for i in shown],
+                                    [records[i]["text"] for i in shown])
+        jident = call_identity(ctx, f.leak_judge, judge)
+        cached = sum(call_cache.has_many([call_key(*jident, r, i) for r, i in zip(jreqs, occurrence_indices(jreqs))]))
+        return {"cached": cached, "new": len(shown) - cached + len(items) - len(answered)}
 
     def _requests(self, ctx):
         from charbuild.recipe.stages.constitution import load_built
