@@ -214,6 +214,32 @@ def test_plan_counts_cached_calls_per_shard_and_prices_only_the_new_ones(tmp_pat
     assert server.stats()["completed"] == before
 
 
+def test_more_turns_of_self_interaction_are_planned_at_the_new_turns_only(tmp_path, server, monkeypatch):
+    # A turn's call holds the turns before it, so only a replay through the call cache can
+    # tell which are answered: three turns built, five planned, the first three of every
+    # conversation are cached and two turns each are new; building asks exactly those.
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
+    spec = write_spec(tmp_path, server.base_url, extra="introspection: {generator: teacher}", shard_size=4)
+    cache = str(tmp_path / "cache")
+    sets = ["--cache", cache, "--set", "data.interactions=8", "--set", "prices.teacher-model={input: 100, output: 200}"]
+    target, other = "interactions/shard-0000", "interactions/shard-0001"
+    assert run(str(spec), target, *sets, "--set", "data.turns=3") == 0
+    built = [json.loads(x) for x in next((Path(cache) / "objects").rglob("samples.jsonl")).read_text().splitlines()]
+    assert [r["turns"] for r in built] == [3] * 4  # the persona's replies pass the filters: none stopped early
+    rows = {t["name"]: t for t in plan_json(str(spec), *sets, "--set", "data.turns=5")["targets"]}
+    planned = rows[target]
+    assert (planned["calls"]["cached"], planned["calls"]["new"]) == (4 * 3, 4 * 2), planned["calls"]
+    assert rows[other]["calls"] == {"cached": 0, "new": 4 * 5}  # never built: every turn new
+    assert abs(planned["est_usd"] - rows[other]["est_usd"] * 2 / 5) < 0.01 * rows[other]["est_usd"]
+    before = server.stats()["completed"]
+    assert run(str(spec), target, *sets, "--set", "data.turns=5") == 0
+    assert server.stats()["completed"] - before == 4 * 2
+    # and rebuilt under another filter every reply still passes: nothing new, nothing paid
+    again = {t["name"]: t for t in plan_json(str(spec), *sets, "--set", "data.turns=5",
+                                             "--set", "filters.max_chars=19999")["targets"]}[target]
+    assert again["state"] == "build" and again["calls"] == {"cached": 4 * 5, "new": 0} and again["est_usd"] == 0
+
+
 def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, monkeypatch):
     in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
     spec = write_spec(tmp_path, server.base_url)

@@ -21,7 +21,8 @@ from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, mo
                                           local_model_resources)
 from charbuild.recipe.leak_model import WORDS_FILE
 from charbuild.recipe.quality import unscreened_warning
-from charbuild.recipe.stages.generate import CountsCachedCalls, filter_config, generate_checked, request, seed_counts
+from charbuild.recipe.stages.generate import (CountsCachedCalls, filter_config, generate_checked, request, screened,
+                                             seed_counts, without_reasoning)
 
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
 
@@ -157,49 +158,71 @@ class Interactions(_Introspection):
         tin = ctx.system_prompt_tokens + 40 + per * (turns - 1) / 2
         return cost.generation(ctx, spec.models[role], self.name, target.params["count"] * turns, tin, per)
 
-    def run(self, ctx):
+    def _conversations(self, ctx) -> "_Conversations":
         from charbuild.recipe.stages.constitution import load_built
 
         spec = ctx.spec
         role, _ = generator(spec)
-        m = spec.models[role]
         c = load_built(ctx.input("constitution"))
         g = _data(self.data_file)
         start, count = ctx.target.params["start"], ctx.target.params["count"]
-        items = list(range(start, start + count))
-        kinds = ["free" if j % 2 == 0 else "leading" for j in items]
-        base = c.system_prompt() + "\n" + g["system_note"]
-        systems = [base + " " + g[f"{k}_guidance"] for k in kinds]
-        convs = [[g[k][(j // 2) % len(g[k])]] for j, k in zip(items, kinds)]  # utterances, speaker A first
-        alive = [True] * len(items)
-        failed = [None] * len(items)
+        return _Conversations(self.name, role, spec.models[role], c, g, list(range(start, start + count)),
+                              spec.introspection.turn_max_tokens,
+                              filter_config(spec.filters, c.language, c.system_prompt(), about_itself=True))
+
+    def count_calls(self, ctx, est):
+        """What `plan` says of a stale shard: a turn's call is known only once the turns before
+        it are answered, so the conversations are replayed through the call cache as `run`
+        would hold them, up to each one's first call not yet answered; that call and the
+        turns after it count as new (a high bound: a conversation may stop earlier)."""
+        call_cache = getattr(ctx.services, "call_cache", None)
+        if call_cache is None:
+            return None
+        from charbuild.backends.cached import call_identity, call_key, from_entry, occurrence_indices
+
+        spec = ctx.spec
+        try:
+            talk = self._conversations(ctx)
+        except (OSError, ValueError, KeyError):
+            return None  # an input is unreadable: `run` will say so
+        ident = call_identity(ctx, talk.role, talk.m)
+        turns, cached, new = spec.data.turns, 0, 0
+        for turn in range(turns):
+            idx, reqs = talk.requests(turn)
+            if not idx:
+                break
+            entries = call_cache.get_many([call_key(*ident, r, i) for r, i in zip(reqs, occurrence_indices(reqs))])
+            answered = []
+            for i, e in zip(idx, entries):
+                if e is None:
+                    talk.alive[i] = False
+                    new += turns - turn
+                else:
+                    answered.append((i, from_entry(e)))
+            cached += len(answered)
+            talk.take([i for i, _ in answered], [screened(r if spec.introspection.keep_think_interactions
+                                                          else without_reasoning(r), talk.cfg)[0]
+                                                 for _, r in answered])
+        total = len(talk.items) * turns
+        return est.scaled(new / max(1, total)), {"cached": cached, "new": new}
+
+    def run(self, ctx):
+        spec = ctx.spec
+        talk = self._conversations(ctx)
+        role, m, g, items, convs, failed = talk.role, talk.m, talk.g, talk.items, talk.convs, talk.failed
         f = spec.filters
-        cfg = filter_config(f, c.language, c.system_prompt(), about_itself=True)
         from charbuild.recipe.quality import StageQuality
 
         total_q = StageQuality()
         for turn in range(spec.data.turns):
-            idx = [i for i in range(len(items)) if alive[i]]
+            idx, reqs = talk.requests(turn)
             if not idx:
                 break
-            reqs = []
-            for i in idx:
-                conv = convs[i]
-                # The speaker's own past utterances are "assistant", the copy's are "user".
-                n = len(conv)
-                msgs = [{"role": "system", "content": systems[i]}]
-                msgs += [{"role": "assistant" if (n - k) % 2 == 0 else "user", "content": u} for k, u in enumerate(conv)]
-                reqs.append(request(m, msgs, item_seed(self.name, items[i] * 1000 + turn), spec.introspection.turn_max_tokens))
-            recs, q = generate_checked(ctx, role, m, reqs, cfg, f, f"{ctx.target.name} turn {turn + 1}",
+            recs, q = generate_checked(ctx, role, m, reqs, talk.cfg, f, f"{ctx.target.name} turn {turn + 1}",
                                        keep_thinking=spec.introspection.keep_think_interactions)
             total_q.merge(q)
-            for i, rec in zip(idx, recs):
-                text = rec["text"]
-                if not rec["ok"] or not text:
-                    alive[i] = False
-                    failed[i] = rec["reasons"] or ["empty"]
-                else:
-                    convs[i].append(text)
+            talk.take(idx, recs)
+        kinds = talk.kinds
         rows = []
         sft_system = g["system_note"] + " " + g["free_guidance"]
         for i, j in enumerate(items):
@@ -214,6 +237,44 @@ class Interactions(_Introspection):
                          "reasons": ([] if ok else (failed[i] or ["too_short"])), "stopped_by": failed[i],
                          "messages": msgs})
         return self._finish(ctx, rows, total_q)
+
+
+class _Conversations:
+    """The self-interactions of one shard as they grow, turn by turn: what `run` asks and
+    what `plan` replays through the call cache, by one rule."""
+
+    def __init__(self, stage: str, role: str, m, c, g: dict, items: list[int], max_tokens: int, cfg):
+        self.stage, self.role, self.m, self.g, self.items, self.max_tokens, self.cfg = \
+            stage, role, m, g, items, max_tokens, cfg
+        self.kinds = ["free" if j % 2 == 0 else "leading" for j in items]
+        base = c.system_prompt() + "\n" + g["system_note"]
+        self.systems = [base + " " + g[f"{k}_guidance"] for k in self.kinds]
+        self.convs = [[g[k][(j // 2) % len(g[k])]] for j, k in zip(items, self.kinds)]  # utterances, speaker A first
+        self.alive = [True] * len(items)
+        self.failed: list = [None] * len(items)
+
+    def requests(self, turn: int) -> tuple[list[int], list]:
+        """(the conversations still going, the next turn's request of each)."""
+        idx = [i for i in range(len(self.items)) if self.alive[i]]
+        reqs = []
+        for i in idx:
+            conv = self.convs[i]
+            # The speaker's own past utterances are "assistant", the copy's are "user".
+            n = len(conv)
+            msgs = [{"role": "system", "content": self.systems[i]}]
+            msgs += [{"role": "assistant" if (n - k) % 2 == 0 else "user", "content": u} for k, u in enumerate(conv)]
+            reqs.append(request(self.m, msgs, item_seed(self.stage, self.items[i] * 1000 + turn), self.max_tokens))
+        return idx, reqs
+
+    def take(self, idx: list[int], recs: list[dict]) -> None:
+        """A turn's screened replies: a failed or empty one ends its conversation."""
+        for i, rec in zip(idx, recs):
+            text = rec["text"]
+            if not rec["ok"] or not text:
+                self.alive[i] = False
+                self.failed[i] = rec["reasons"] or ["empty"]
+            else:
+                self.convs[i].append(text)
 
 
 class SftData(Stage):
