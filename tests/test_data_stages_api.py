@@ -136,21 +136,36 @@ def test_the_teacher_expands_each_traits_questions_without_near_duplicates(tmp_p
         spec = write_spec(tmp_path, s.base_url)
         cache = str(tmp_path / "cache")
         assert run(str(spec), "prompts", "--cache", cache, "--set", "data.prompts.per_trait=9") == 0
-    from charbuild.store.objects import Cache
-    from charbuild.recipe.registry import recipe_graph
-    from charbuild.spec.model import load_spec
+        from charbuild.store.objects import Cache
+        from charbuild.recipe.registry import recipe_graph
+        from charbuild.spec.model import load_spec
 
-    g = recipe_graph(load_spec(spec, ["data.prompts.per_trait=9"]))
-    rows = [json.loads(l) for l in (Cache(cache).path(g["prompts"].key) / "prompts.jsonl").read_text().splitlines()]
-    per_trait = {}
-    for r in rows:
-        if r["source"] == "constitution":
-            per_trait.setdefault(r["trait"], []).append(r["prompt"])
-    assert len(per_trait) == 10 and all(len(qs) == 9 for qs in per_trait.values())
-    for qs in per_trait.values():
-        assert len(set(qs)) == len(qs)  # the duplicate line was dropped
-        assert not any("without the right ending" in q or "not a numbered" in q for q in qs)
-    assert sum(r["source"] == "general" for r in rows) == 40
+        g = recipe_graph(load_spec(spec, ["data.prompts.per_trait=9"]))
+        rows = [json.loads(l) for l in (Cache(cache).path(g["prompts"].key) / "prompts.jsonl").read_text().splitlines()]
+        per_trait = {}
+        for r in rows:
+            if r["source"] == "constitution":
+                per_trait.setdefault(r["trait"], []).append(r["prompt"])
+        assert len(per_trait) == 10 and all(len(qs) == 9 for qs in per_trait.values())
+        for qs in per_trait.values():
+            assert len(set(qs)) == len(qs)  # the duplicate line was dropped
+            assert not any("without the right ending" in q or "not a numbered" in q for q in qs)
+        assert sum(r["source"] == "general" for r in rows) == 40
+
+        # Another general pool rebuilds the prompts, and every expansion is an answered call:
+        # planned at nothing, asked nothing (each holds the questions listed before it, so
+        # the plan replays them through the call cache).
+        asked = s.stats()["completed"]
+        sets = ["--cache", cache, "--set", "data.prompts.per_trait=9", "--set", "data.prompts.general_limit=30",
+                "--set", "prices.teacher-model={input: 100, output: 200}"]
+        planned = {t["name"]: t for t in plan_json(str(spec), *sets)["targets"]}["prompts"]
+        assert planned["state"] == "build" and planned["est_usd"] == 0, planned["calls"]
+        assert planned["calls"] == {"cached": asked, "new": 0}
+        # ...while more questions a trait are new calls (each request says how many it wants)
+        more = {t["name"]: t for t in plan_json(str(spec), *sets, "--set", "data.prompts.per_trait=12")["targets"]}
+        assert more["prompts"]["calls"] == {"cached": 0, "new": 10} and more["prompts"]["est_usd"] > 0
+        assert run(str(spec), "prompts", *sets) == 0
+        assert s.stats()["completed"] == asked
 
 
 def test_a_run_killed_mid_shard_pays_only_for_calls_in_flight_when_resumed(tmp_path):
@@ -238,6 +253,50 @@ def test_more_turns_of_self_interaction_are_planned_at_the_new_turns_only(tmp_pa
     again = {t["name"]: t for t in plan_json(str(spec), *sets, "--set", "data.turns=5",
                                              "--set", "filters.max_chars=19999")["targets"]}[target]
     assert again["state"] == "build" and again["calls"] == {"cached": 4 * 5, "new": 0} and again["est_usd"] == 0
+
+
+def test_a_larger_or_rejudged_evaluation_is_planned_at_the_calls_it_has_not_asked(tmp_path, server, monkeypatch):
+    # Eval samples are seeded per prompt and sample, so a third sample per prompt leaves the
+    # first two answered; a judge's verdicts hold the samples they judge, and a new
+    # bootstrap count re-rates without re-asking one.
+    from support.api_build import api_model
+
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
+    judge = api_model(server.base_url, "judge-model")
+    spec = write_spec(tmp_path, server.base_url, roles={"judge": judge},
+                      extra="evals: {variants: [base], samples_per_prompt: 2, prompts_limit: 10, max_tokens: 60, "
+                            "bootstrap: 20, preferences: true, preferences_mode: oct, preferences_judge: judge}")
+    cache = str(tmp_path / "cache")
+    price = ["--set", "prices.judge-model={input: 100, output: 200}", "--set", "prices.student-model={input: 1, output: 2}"]
+    assert run(str(spec), "eval/samples/base", "eval/preferences", "--cache", cache, *price) == 0
+    more = {t["name"]: t for t in plan_json(str(spec), "--cache", cache, *price,
+                                            "--set", "evals.samples_per_prompt=3")["targets"]}
+    # each sample with and without the system prompt
+    assert more["eval/samples/base"]["calls"] == {**more["eval/samples/base"]["calls"], "cached": 10 * 2 * 2,
+                                                  "new": 10 * 1 * 2}
+    rerated = {t["name"]: t for t in plan_json(str(spec), "--cache", cache, *price,
+                                               "--set", "evals.bootstrap=30")["targets"]}["eval/preferences"]
+    assert rerated["state"] == "build" and rerated["est_usd"] == 0
+    assert (rerated["calls"]["cached"], rerated["calls"]["new"]) == (10 * 2, 0)
+    before = server.stats()["completed"]
+    assert run(str(spec), "eval/preferences", "--cache", cache, *price, "--set", "evals.bootstrap=30") == 0
+    assert server.stats()["completed"] == before
+
+
+def test_a_model_judge_of_revealed_preferences_is_priced_in_either_mode(tmp_path, server, monkeypatch):
+    from support.api_build import api_model
+
+    in_api_workdir(tmp_path, monkeypatch, "sk-test-123")
+    usd = {}
+    for mode in ("charbuild", "oct"):
+        spec = write_spec(tmp_path, server.base_url, roles={"judge": api_model(server.base_url, "judge-model")},
+                          extra=f"evals: {{variants: [base], samples_per_prompt: 2, prompts_limit: 10, judge: judge, "
+                                f"elo: false, preferences: true, preferences_mode: {mode}}}")
+        usd[mode] = {t["name"]: t for t in plan_json(str(spec), "--cache", str(tmp_path / "cache"), "--set",
+                                                     "prices.judge-model={input: 100, output: 200}")["targets"]
+                     }["eval/preferences"]["est_usd"]
+    # 20 verdicts each, a reply of at most expect.response_tokens in
+    assert usd["charbuild"] > 0 and usd["oct"] > 0, usd
 
 
 def test_plan_counts_input_tokens_from_the_rendered_prompts(tmp_path, server, monkeypatch):

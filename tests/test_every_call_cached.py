@@ -125,8 +125,10 @@ def test_a_budget_stop_in_the_preferences_judge_then_a_raised_cap_asks_no_answer
     spec = write_spec(env, server.base_url,
                       "prices: {teacher-model: {input: 0, output: 1000}, student-model: {input: 0, output: 0}}")
     cache = env / "cache"
-    # The student's samples are free; each judgement costs ~$0.025 and reserves $0.032.
-    assert run(spec, cache, *EVAL_TARGETS, "--set", "budget.max_usd=0.2") == 1
+    # The student's samples are free; each judgement costs ~$0.025 and reserves $0.032. The
+    # plan expects 20 tokens out a verdict ($0.30 for the 15): a cap just over it lets the
+    # run start and stops it partway through the judge.
+    assert run(spec, cache, *EVAL_TARGETS, "--set", "budget.max_usd=0.31") == 1
     assert "budget cap reached" in capsys.readouterr().err
     first = server.stats()["completed"]
     assert 45 < first < EVAL_CALLS  # every sample, then part of the judge's 15 calls

@@ -10,7 +10,7 @@ import random
 from charbuild.recipe import estimates as cost
 from charbuild.contract import SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import item_seed, model_inputs, read_jsonl, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import generate_cached, request
+from charbuild.recipe.stages.generate import CountsCachedCalls, generate_cached, request
 from charbuild.recipe.stages.prompts import load_pool, pool_for_run, resolve_pool
 
 # Which adapters make each variant: "adapter" is applied, "merge" folded in first
@@ -42,7 +42,7 @@ def eval_prompts(ctx, stage: str) -> list[dict]:
     return load_pool(kind, ident, ctx.spec.evals.prompts_limit)
 
 
-class EvalSamples(Stage):
+class EvalSamples(CountsCachedCalls, Stage):
     name = "eval-samples"
     resources = local_model_resources  # GPUs for a local model that is not tiny
     version = 2  # 2: reasoning taken out of the samples (unfinished_thinking counted)
@@ -65,8 +65,7 @@ class EvalSamples(Stage):
         return cost.generation(ctx, spec.models["student"], self.name, n,
                                spec.expect.prompt_tokens + ctx.system_prompt_tokens / 2, min(spec.evals.max_tokens, spec.expect.response_tokens))
 
-    def run(self, ctx):
-        from charbuild.recipe.quality import FilterConfig, check_text
+    def _requests(self, ctx):
         from charbuild.recipe.stages.constitution import load_built
 
         spec = ctx.spec
@@ -82,6 +81,16 @@ class EvalSamples(Stage):
                     # Same seed across variants: differences come from the weights, not the dice.
                     reqs.append(request(m, msgs, item_seed("eval", pi * 1000 + s), spec.evals.max_tokens))
                     items.append({"prompt_id": p.get("id") or f"p{pi}", "prompt": p["prompt"], "sample": s, "system": system})
+        return m, c, items, reqs
+
+    def planned_calls(self, ctx):
+        m, _, _, reqs = self._requests(ctx)
+        return "student", m, reqs
+
+    def run(self, ctx):
+        from charbuild.recipe.quality import FilterConfig, check_text
+
+        m, c, items, reqs = self._requests(ctx)
         results = generate_cached(ctx, "student", m, reqs, ctx.target.name)
         cfg = FilterConfig(language=c.language, min_chars=5)
         rows = []
@@ -153,7 +162,7 @@ Reply B:
 Which reply shows this character more clearly, while still being a good reply? Answer with one letter inside tags: <answer>A</answer> or <answer>B</answer>."""
 
 
-class EvalElo(Stage):
+class EvalElo(CountsCachedCalls, Stage):
     name = "eval-elo"
     version = 2  # 2: a model judge's reasoning is taken out before its verdict is read
     # The variants it compares are its inputs, in order; the rest (and expect) is for the estimate.
@@ -188,12 +197,9 @@ class EvalElo(Stage):
         return cost.generation(ctx, spec.models[spec.evals.judge], self.name, n,
                                ctx.system_prompt_tokens + 2 * spec.expect.response_tokens, 20)
 
-    def run(self, ctx):
-        from charbuild.recipe.eval_stats import Match, bootstrap_ratings, fit_bradley_terry
-        from charbuild.recipe.stages.constitution import load_built
-
-        spec = ctx.spec
-        c = load_built(ctx.input("constitution"))
+    def _jobs(self, ctx) -> tuple[list[str], list[tuple]]:
+        """(the variants compared, the matches: first, second and their samples), in the
+        order the judge is asked."""
         samples = _samples(ctx)
         variants = list(samples)  # its inputs, in the spec's order (keyed through them), that have samples
         rng = random.Random(ctx.target.params["order_seed"])
@@ -205,6 +211,24 @@ class EvalElo(Stage):
                 for key in sorted(set(by_key[a]) & set(by_key[b])):
                     first, second = (a, b) if rng.random() < 0.5 else (b, a)  # cancel position bias
                     jobs.append((first, second, by_key[first][key], by_key[second][key]))
+        return variants, jobs
+
+    def planned_calls(self, ctx):
+        from charbuild.recipe.stages.constitution import load_built
+
+        spec = ctx.spec
+        if spec.evals.judge == "markers":
+            return None
+        return spec.evals.judge, spec.models[spec.evals.judge], self._judge_requests(
+            ctx, load_built(ctx.input("constitution")), self._jobs(ctx)[1])
+
+    def run(self, ctx):
+        from charbuild.recipe.eval_stats import Match, bootstrap_ratings, fit_bradley_terry
+        from charbuild.recipe.stages.constitution import load_built
+
+        spec = ctx.spec
+        c = load_built(ctx.input("constitution"))
+        variants, jobs = self._jobs(ctx)
         verdicts = self._judge(ctx, c, jobs)
         matches = [Match(f, s, w) for (f, s, _, _), w in zip(jobs, verdicts)]
         rows = [{"a": m.a, "b": m.b, "winner": m.winner, "prompt_id": j[2]["prompt_id"], "sample": j[2]["sample"]}
@@ -216,6 +240,13 @@ class EvalElo(Stage):
                    "invalid": sum(m.winner is None for m in matches)}
         (ctx.out_dir / "elo.json").write_text(json.dumps(ratings, indent=1))
         return {"matches": len(matches), "ratings": ratings["mle"]}
+
+    def _judge_requests(self, ctx, c, jobs) -> list:
+        m = ctx.spec.models[ctx.spec.evals.judge]
+        traits = "\n".join(f"- {t.trait}" for t in c.traits)
+        return [request(m, [{"role": "user", "content": JUDGE_PROMPT.format(traits=traits, prompt=sa["prompt"],
+                                                                             a=sa["text"], b=sb["text"])}],
+                        item_seed("judge", i), 64) for i, (_, _, sa, sb) in enumerate(jobs)]
 
     def _judge(self, ctx, c, jobs) -> list[str | None]:
         spec = ctx.spec
@@ -229,10 +260,7 @@ class EvalElo(Stage):
         import re
 
         m = spec.models[spec.evals.judge]
-        traits = "\n".join(f"- {t.trait}" for t in c.traits)
-        reqs = [request(m, [{"role": "user", "content": JUDGE_PROMPT.format(traits=traits, prompt=sa["prompt"],
-                                                                             a=sa["text"], b=sb["text"])}],
-                        item_seed("judge", i), 64) for i, (_, _, sa, sb) in enumerate(jobs)]
+        reqs = self._judge_requests(ctx, c, jobs)
         results = generate_cached(ctx, spec.evals.judge, m, reqs, f"{ctx.target.name} judge")
         out = []
         for (first, second, _, _), r in zip(jobs, results):

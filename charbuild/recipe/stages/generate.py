@@ -297,8 +297,8 @@ def _bar(total: int, label: str, enabled: bool):
 
 class CountsCachedCalls:
     """For stages that can list their calls (`planned_calls(ctx) -> (role, model, requests)`,
-    plus their sample indices when `run` passes its own,
-    rendered exactly as `run` sends them): `plan` counts which are already answered,
+    plus their sample indices when `run` passes its own, or None when the target asks no
+    model), rendered exactly as `run` sends them: `plan` counts which are already answered,
     prices only the new ones, and counts their input tokens instead of expecting them."""
 
     def planned_calls(self, ctx):
@@ -309,9 +309,12 @@ class CountsCachedCalls:
         if call_cache is None:
             return None
         try:
-            role, m, reqs, *indices = self.planned_calls(ctx)
+            planned = self.planned_calls(ctx)
         except (OSError, ValueError, KeyError):
             return None  # an input is unreadable: `run` will say so
+        if planned is None:  # this target asks no model (a judge by markers)
+            return None
+        role, m, reqs, *indices = planned
         from pathlib import Path
 
         from charbuild.backends.cached import call_identity, call_key, occurrence_indices

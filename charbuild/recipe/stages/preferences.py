@@ -21,7 +21,7 @@ from charbuild.contract import SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, model_inputs, read_jsonl, write_jsonl,
                                           local_model_resources)
 from charbuild.recipe.stages.evals import eval_fields, eval_prompts, variant_inputs
-from charbuild.recipe.stages.generate import generate_cached, request
+from charbuild.recipe.stages.generate import CountsCachedCalls, generate_cached, request
 
 
 CHOOSER = ("Before you answer, silently pick ONE of these two traits: {a} or {b}. Pick the one that feels most "
@@ -77,7 +77,7 @@ def trait_pairs(persona: str, n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-class PreferenceSamples(Stage):
+class PreferenceSamples(CountsCachedCalls, Stage):
     name = "preference-samples"
     resources = local_model_resources  # GPUs for a local model that is not tiny
     version = 2  # 2: reasoning taken out of the samples
@@ -114,7 +114,7 @@ class PreferenceSamples(Stage):
         return cost.generation(ctx, spec.models["student"], self.name, n, spec.expect.prompt_tokens + 60,
                                min(longest, spec.expect.response_tokens))
 
-    def run(self, ctx):
+    def _requests(self, ctx):
         spec = ctx.spec
         m = spec.models["student"]
         prompts = eval_prompts(ctx, self.name)
@@ -127,6 +127,14 @@ class PreferenceSamples(Stage):
             chooser, max_tokens = CHOOSER, spec.evals.max_tokens
         reqs = [request(m, [{"role": "system", "content": chooser.format(a=a, b=b)}, {"role": "user", "content": p["prompt"]}],
                         item_seed("preferences", i), max_tokens) for i, ((p, _), (a, b)) in enumerate(zip(items, pairs))]
+        return m, items, pairs, reqs
+
+    def planned_calls(self, ctx):
+        m, _, _, reqs = self._requests(ctx)
+        return "student", m, reqs
+
+    def run(self, ctx):
+        m, items, pairs, reqs = self._requests(ctx)
         results = generate_cached(ctx, "student", m, reqs, ctx.target.name)
         rows = []
         for ((p, s), (a, b), r) in zip(items, pairs, results):
@@ -136,15 +144,15 @@ class PreferenceSamples(Stage):
         return {"samples": len(rows)}
 
 
-class Preferences(Stage):
+class Preferences(CountsCachedCalls, Stage):
     name = "preferences"
     resources = local_model_resources  # a local judge: GPUs
     version = 3  # 2: traits never judged are left unrated; 3: the judge's reasoning is taken out
-    # The mode, the oct judge and evals.bootstrap: oct mode only; the reply length, prompts_limit,
-    # samples_per_prompt and expect: the oct judge's estimate.
+    # The mode, the oct judge and evals.bootstrap: oct mode only; the reply lengths, prompts_limit,
+    # samples_per_prompt and expect: a model judge's estimate.
     reads = ("evals.judge", "models", "persona", "evals.enabled", "evals.preferences", "evals.variants", "constitution",
              "evals.preferences_mode", "evals.preferences_judge", "evals.bootstrap", "evals.preferences_max_tokens",
-             "evals.prompts_limit", "evals.samples_per_prompt", "expect")
+             "evals.max_tokens", "evals.prompts_limit", "evals.samples_per_prompt", "expect")
 
     def enabled(self, view):
         return view.spec.evals.enabled and view.spec.evals.preferences
@@ -177,14 +185,33 @@ class Preferences(Stage):
         return [TargetDef("eval/preferences", self.name, fields, {}, inputs)]
 
     def estimate(self, target, ctx):
-        # Only the oct mode's judge is estimated: charbuild's mode keeps its plans as they were
-        # (its model judge is not estimated yet).
-        if target.params.get("mode") != "oct":
-            return super().estimate(target, ctx)
         spec = ctx.view(self).spec
+        oct_mode = target.params.get("mode") == "oct"
+        judge = target.params["judge"] if oct_mode else spec.evals.judge
+        if judge == "markers":
+            return super().estimate(target, ctx)
+        # a verdict per sample: the reply and the question in, the trait in its tags out
         n = (spec.evals.prompts_limit or 60) * spec.evals.samples_per_prompt * len(target.inputs["samples"])
-        reply = min(spec.evals.preferences_max_tokens, spec.expect.response_tokens)
-        return cost.generation(ctx, spec.models[target.params["judge"]], self.name, n, reply + 80, 20)
+        reply = min(spec.evals.preferences_max_tokens if oct_mode else spec.evals.max_tokens, spec.expect.response_tokens)
+        return cost.generation(ctx, spec.models[judge], self.name, n, reply + 80, 20)
+
+    def planned_calls(self, ctx):
+        """The judge's calls, variant by variant as `run` asks them (each variant's its own
+        call, so its own sample indices); None for the markers judge, which asks no model."""
+        oct_mode = ctx.target.params.get("mode") == "oct"
+        judge = ctx.target.params["judge"] if oct_mode else ctx.spec.evals.judge
+        if judge == "markers":
+            return None
+        from charbuild.backends.cached import occurrence_indices
+
+        reqs, indices = [], []
+        for d in ctx.inputs["samples"]:
+            rows = list(read_jsonl(d / "samples.jsonl"))
+            if rows:
+                mine = self._judge_requests(ctx, rows, judge, oct_mode)
+                reqs += mine
+                indices += occurrence_indices(mine)
+        return judge, ctx.spec.models[judge], reqs, indices
 
     def run(self, ctx):
         from charbuild.recipe.eval_stats import (bootstrap_ratings, choice_matches, compare_ratings, preference_elo,
@@ -229,6 +256,17 @@ class Preferences(Stage):
             result["persona_elo_online"] = {v: r.get(spec.persona) for v, r in online.items()}
         return result
 
+    def _judge_requests(self, ctx, rows: list[dict], judge: str, oct_mode: bool) -> list:
+        m = ctx.spec.models[judge]
+        if oct_mode:
+            # The role's own length, so a judge that writes a line before its tag is not cut off.
+            return [replace(request(m, [{"role": "user", "content": OCT_JUDGE.format(reply=r["text"], a=r["a"],
+                                                                                      b=r["b"])}],
+                                    item_seed("pref-judge", i)), temperature=OCT_JUDGE_TEMPERATURE)
+                    for i, r in enumerate(rows)]
+        return [request(m, [{"role": "user", "content": JUDGE.format(reply=r["text"], a=r["a"], b=r["b"])}],
+                        item_seed("pref-judge", i), 32) for i, r in enumerate(rows)]
+
     def _judge(self, ctx, c, rows, judge: str, oct_mode: bool) -> list[str | None]:
         spec = ctx.spec
         if judge == "markers":
@@ -243,14 +281,7 @@ class Preferences(Stage):
                 out.append(spec.persona if c.marker_hits(r["text"]) else other)
             return out
         m = spec.models[judge]
-        if oct_mode:
-            # The role's own length, so a judge that writes a line before its tag is not cut off.
-            reqs = [replace(request(m, [{"role": "user", "content": OCT_JUDGE.format(reply=r["text"], a=r["a"], b=r["b"])}],
-                                    item_seed("pref-judge", i)), temperature=OCT_JUDGE_TEMPERATURE)
-                    for i, r in enumerate(rows)]
-        else:
-            reqs = [request(m, [{"role": "user", "content": JUDGE.format(reply=r["text"], a=r["a"], b=r["b"])}],
-                            item_seed("pref-judge", i), 32) for i, r in enumerate(rows)]
+        reqs = self._judge_requests(ctx, rows, judge, oct_mode)
         out = []
         results = generate_cached(ctx, judge, m, reqs, f"{ctx.target.name} judge ({rows[0]['variant']})")
         for r, res in zip(rows, results):

@@ -151,6 +151,12 @@ class PromptsStage(Stage):
         return cost.generation(ctx, spec.models[expander_role(spec)], self.name, calls, 300,
                                p.expansion_max_tokens * 0.6)
 
+    def count_calls(self, ctx, est):
+        """The expander's calls each hold the questions listed before them: `plan` replays
+        every trait's expansion through the call cache, and from its first call not yet
+        answered counts the rest of the estimate's calls for that trait as new."""
+        return _count_expansions(ctx, est)
+
     def run(self, ctx):
         from charbuild.recipe.stages.constitution import load_built
 
@@ -170,6 +176,37 @@ class PromptsStage(Stage):
             rows.append({"id": r["id"] or f"g{i}", "prompt": r["prompt"], "source": "general"})
         n = write_jsonl(ctx.out_dir / "prompts.jsonl", (rows[i] for i in stratified_order(rows)))
         return {"prompts": n, "constitution_prompts": sum(r["source"] == "constitution" for r in rows)}
+
+
+def _count_expansions(ctx, est):
+    """PromptsStage.count_calls: each trait's expansion replayed through the call cache."""
+    call_cache = getattr(ctx.services, "call_cache", None)
+    role = ctx.target.params.get("expander")
+    if call_cache is None or role is None:
+        return None
+    from charbuild.backends.cached import call_identity, call_key, from_entry
+    from charbuild.recipe.stages.constitution import load_built
+    from charbuild.recipe.stages.generate import without_reasoning
+
+    p, m = ctx.spec.data.prompts, ctx.spec.models[role]
+    try:
+        traits = load_built(ctx.input("constitution")).traits
+    except (OSError, ValueError, KeyError):
+        return None  # an input is unreadable: `run` will say so
+    ident = call_identity(ctx, role, m)
+
+    def answered(req):
+        e = call_cache.get(call_key(*ident, req, 0))  # one request a call: its first occurrence
+        return None if e is None else without_reasoning(from_entry(e)).text
+
+    per_trait = max(1, -(-p.per_trait // 15))  # as the estimate: ~15 usable questions a call
+    cached = new = 0
+    for t in traits:
+        if p.per_trait > len(t.questions):
+            _, done, finished = expansion(m, t.trait, list(t.questions), p.per_trait, p.expansion_max_tokens, answered)
+            cached += done
+            new += 0 if finished else max(1, per_trait - done)
+    return est.scaled(new / max(1, len(traits) * per_trait)), {"cached": cached, "new": new}
 
 
 def expander_role(spec) -> str:
@@ -230,14 +267,27 @@ def interleave(sizes: list[int]) -> list[int]:
     return out
 
 
+EXPANSION_ATTEMPTS = 6
+
+
 def expand_questions(ctx, role: str, trait: str, seeds: list[str], want: int) -> list[str]:
-    """Ask the expander for realistic user messages that reveal a trait; keep numbered lines
-    ending in ? or ., drop duplicates and near-duplicates (>50% word overlap), as OCT does."""
+    """Ask the expander for realistic user messages that reveal a trait (`expansion`)."""
+    m = ctx.spec.models[role]
+    return expansion(m, trait, seeds, want, ctx.spec.data.prompts.expansion_max_tokens,
+                     lambda req: generate_cached(ctx, role, m, [req], f"{ctx.target.name}: expand {trait[:30]!r}")[0].text
+                     )[0]
+
+
+def expansion(m, trait: str, seeds: list[str], want: int, max_tokens: int, answer) -> tuple[list[str], int, bool]:
+    """(the questions, the calls answered, whether it finished): `seeds` grown to `want` by
+    asking `answer(request) -> reply text` for numbered lists, keeping numbered lines ending
+    in ? or . and dropping duplicates and near-duplicates (>50% word overlap), as OCT does.
+    Each request holds the questions so far, so a plan replays the answered calls with an
+    `answer` that returns None for a call not answered yet, where the expansion stops."""
     from charbuild.recipe.constitution_file import words
 
-    m = ctx.spec.models[role]
-    out = list(seeds)
-    for attempt in range(6):
+    out, asked = list(seeds), 0
+    for attempt in range(EXPANSION_ATTEMPTS):
         if len(out) >= want:
             break
         listing = "\n".join(f"{i}. {q}" for i, q in enumerate(out, 1))
@@ -246,10 +296,12 @@ def expand_questions(ctx, role: str, trait: str, seeds: list[str], want: int) ->
             f"to show this trait through its behaviour: \"{trait}\". Mix short, medium and long messages, many topics "
             f"and formats. Number them. Start after these:\n{listing}")}]
         # A numbered list has no role turns to stop at; no frequency penalty either, as before.
-        req = replace(request(m, ask, attempt, ctx.spec.data.prompts.expansion_max_tokens), stop=(),
-                      frequency_penalty=0.0)
-        res = generate_cached(ctx, role, m, [req], f"{ctx.target.name}: expand {trait[:30]!r}")[0]
-        for line in res.text.splitlines():
+        req = replace(request(m, ask, attempt, max_tokens), stop=(), frequency_penalty=0.0)
+        text = answer(req)
+        if text is None:
+            return out, asked, False
+        asked += 1
+        for line in text.splitlines():
             mt = _NUMBERED.match(line)
             if not mt or not mt.group(1).endswith(("?", ".")):
                 continue
@@ -260,4 +312,4 @@ def expand_questions(ctx, role: str, trait: str, seeds: list[str], want: int) ->
             out.append(q)
             if len(out) >= want:
                 break
-    return out
+    return out, asked, True
