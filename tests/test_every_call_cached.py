@@ -175,6 +175,45 @@ def test_an_elo_judge_stopped_midway_asks_only_the_unanswered_judgements_again(e
     assert judge(None) == ["base"] * len(jobs) and server.stats()["completed"] == len(jobs)  # all cached now
 
 
+def test_the_plan_renders_the_elo_judges_calls_as_the_run_asks_them(env, server):
+    # Samples of two variants on disk, as the eval targets leave them; the run judges them;
+    # the plan's rendering of the same target finds every one of its calls answered.
+    from charbuild.recipe.constitution_file import load_constitution
+    from charbuild.recipe.services import RecipeServices
+    from charbuild.recipe.stages.evals import EvalElo
+    from charbuild.spec.model import load_spec
+    from charbuild.store.objects import Cache
+    from charbuild.backends.cached import call_identity, call_key, occurrence_indices
+
+    loaded = load_spec(write_spec(env, server.base_url))  # the judge is the teacher
+    c = load_constitution(loaded.constitution_path)
+    built = env / "built"
+    (built / "constitution").mkdir(parents=True)
+    (built / "constitution" / "constitution.json").write_text(json.dumps(c.content()))
+    for v in ("base", "sft"):
+        (built / v).mkdir()
+        (built / v / "samples.jsonl").write_text("".join(
+            json.dumps({"variant": v, "prompt": f"question {i}?", "prompt_id": f"p{i}", "sample": 0, "system": system,
+                        "text": f"{v} reply {i}{' (told)' if system else ''}"}) + "\n"
+            for i in range(6) for system in (False, True)))
+    cache = Cache(env / "cache")
+    services = RecipeServices(cache, loaded)
+    ctx = SimpleNamespace(spec=loaded.spec, services=services, budget=Ledger(), progress=False,
+                          inputs={"samples": [built / "base", built / "sft"], "constitution": [built / "constitution"]},
+                          input=lambda slot: built / "constitution",
+                          target=SimpleNamespace(name="eval/elo", stage="eval-elo", params={"order_seed": 0}))
+    try:
+        stage = EvalElo()
+        winners = stage._judge(ctx, c, stage._jobs(ctx)[1])
+        role, m, reqs = stage.planned_calls(ctx)
+        ident = call_identity(ctx, role, m)
+        assert len(reqs) == len(winners) == 6 and server.stats()["completed"] == 6
+        assert all(services.call_cache.has_many([call_key(*ident, r, i) for r, i in zip(reqs, occurrence_indices(reqs))]))
+    finally:
+        services.close()
+        cache.close()
+
+
 # -- prompt expansion ------------------------------------------------------------------------------
 
 def test_a_rebuilt_prompts_target_asks_the_teacher_nothing_new(env, server, capsys):
