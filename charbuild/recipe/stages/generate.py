@@ -115,6 +115,26 @@ def generate_cached(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], la
     return out
 
 
+def cached_answers(ctx, role: str, m: ModelSpec, keep_thinking: bool = False):
+    """For a plan that replays a stage's calls without asking any: a function of requests
+    (and their sample indices, by default as `generate_cached` numbers them) to what
+    `generate_cached` would hand the stage for each, from the call cache: the result with its
+    reasoning taken out (unless `keep_thinking`), or None for a call not answered yet. None
+    without a call cache."""
+    call_cache = getattr(ctx.services, "call_cache", None)
+    if call_cache is None:
+        return None
+    from charbuild.backends.cached import call_identity, call_key, from_entry, occurrence_indices
+
+    ident = call_identity(ctx, role, m)
+
+    def answers(reqs: Sequence[GenRequest], sample_indices: Sequence[int] | None = None) -> list[GenResult | None]:
+        indices = occurrence_indices(reqs) if sample_indices is None else sample_indices
+        results = [from_entry(e) for e in call_cache.get_many([call_key(*ident, r, i) for r, i in zip(reqs, indices)])]
+        return [r if r is None or keep_thinking else without_reasoning(r) for r in results]
+    return answers
+
+
 def send_mode(ctx, m: ModelSpec) -> str:
     """"batch" or "online": how `m`'s calls go out in this build (the one price lookup
     resolves `mode: auto` from the prices and `budget.deadline_hours`, both NoKey)."""
@@ -137,7 +157,8 @@ def screened(r: GenResult, cfg: FilterConfig | None):
     """(the record a data stage writes for reply `r`, taken out of its reasoning; the quality
     filters' verdict on it, None unfiltered). Unfiltered, a reply still fails when it is
     empty or its reasoning never finished. `generate_checked` screens each reply as it comes,
-    and a plan the replies already answered (`_Responses.count_verdicts`), by this one rule."""
+    and a plan the replies already answered (the leak judge's verdicts, self-interactions),
+    by this one rule."""
     unfinished = r.meta.get("reasoning") == "unfinished"
     rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
@@ -245,9 +266,10 @@ def judge_leaks(ctx, role: str, m: ModelSpec, records: list[dict], asked: Sequen
     reads them. With `overrule_classifier`, the records failed only because the classifier
     alone flagged them (leak_by "model") are shown too, and a "no" keeps them: the
     classifier's false alarms are replies it cannot read the speaker of ("my sister says I'm
-    gloomy") or the request of (a story the user asked a toaster to tell). The calls go through `generate_cached` (cached, charged,
-    rate limited) and are measured apart from the stage's own. Returns what the judge was
-    asked and said; a verdict without an answer leaves the record as the filters left it."""
+    gloomy") or the request of (a story the user asked a toaster to tell). The calls go
+    through `generate_cached` (cached, charged, rate limited) and are measured apart from
+    the stage's own. Returns what the judge was asked and said; a verdict without an answer
+    leaves the record as the filters left it."""
     shown = shown_to_judge(records, overrule_classifier)
     said = {"asked": len(shown), "leaked": 0, "unanswered": 0}
     if overrule_classifier:

@@ -21,8 +21,8 @@ from charbuild.recipe.stages.common import (DATA_DIR, data_digest, item_seed, mo
                                           local_model_resources)
 from charbuild.recipe.leak_model import WORDS_FILE
 from charbuild.recipe.quality import unscreened_warning
-from charbuild.recipe.stages.generate import (CountsCachedCalls, filter_config, generate_checked, request, screened,
-                                             seed_counts, without_reasoning)
+from charbuild.recipe.stages.generate import (CountsCachedCalls, cached_answers, filter_config, generate_checked,
+                                             request, screened, seed_counts)
 
 REFLECTIVE_NOTE = "You are in a reflective mood: take time to consider who you are, speaking honestly in your own voice."
 
@@ -175,34 +175,28 @@ class Interactions(_Introspection):
         it are answered, so the conversations are replayed through the call cache as `run`
         would hold them, up to each one's first call not yet answered; that call and the
         turns after it count as new (a high bound: a conversation may stop earlier)."""
-        call_cache = getattr(ctx.services, "call_cache", None)
-        if call_cache is None:
-            return None
-        from charbuild.backends.cached import call_identity, call_key, from_entry, occurrence_indices
-
         spec = ctx.spec
         try:
             talk = self._conversations(ctx)
         except (OSError, ValueError, KeyError):
             return None  # an input is unreadable: `run` will say so
-        ident = call_identity(ctx, talk.role, talk.m)
+        answers = cached_answers(ctx, talk.role, talk.m, keep_thinking=spec.introspection.keep_think_interactions)
+        if answers is None:
+            return None
         turns, cached, new = spec.data.turns, 0, 0
         for turn in range(turns):
             idx, reqs = talk.requests(turn)
             if not idx:
                 break
-            entries = call_cache.get_many([call_key(*ident, r, i) for r, i in zip(reqs, occurrence_indices(reqs))])
             answered = []
-            for i, e in zip(idx, entries):
-                if e is None:
+            for i, r in zip(idx, answers(reqs)):
+                if r is None:
                     talk.alive[i] = False
                     new += turns - turn
                 else:
-                    answered.append((i, from_entry(e)))
+                    answered.append((i, r))
             cached += len(answered)
-            talk.take([i for i, _ in answered], [screened(r if spec.introspection.keep_think_interactions
-                                                          else without_reasoning(r), talk.cfg)[0]
-                                                 for _, r in answered])
+            talk.take([i for i, _ in answered], [screened(r, talk.cfg)[0] for _, r in answered])
         total = len(talk.items) * turns
         return est.scaled(new / max(1, total)), {"cached": cached, "new": new}
 

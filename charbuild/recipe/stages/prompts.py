@@ -17,7 +17,7 @@ from pathlib import Path
 from charbuild.engine.keys import source_digest as file_digest
 from charbuild.contract import Estimate, SpecView, Stage, TargetDef
 from charbuild.recipe.stages.common import DATA_DIR, DataFileError, jsonl_rows, model_inputs, write_jsonl, local_model_resources
-from charbuild.recipe.stages.generate import generate_cached, request
+from charbuild.recipe.stages.generate import cached_answers, generate_cached, request
 
 _NUMBERED = re.compile(r"^\s*\d+[.)]\s+(.+?)\s*$")
 
@@ -155,7 +155,33 @@ class PromptsStage(Stage):
         """The expander's calls each hold the questions listed before them: `plan` replays
         every trait's expansion through the call cache, and from its first call not yet
         answered counts the rest of the estimate's calls for that trait as new."""
-        return _count_expansions(ctx, est)
+        from charbuild.recipe.stages.constitution import load_built
+
+        role = ctx.target.params.get("expander")
+        if role is None:
+            return None
+        p, m = ctx.spec.data.prompts, ctx.spec.models[role]
+        answers = cached_answers(ctx, role, m)
+        if answers is None:
+            return None
+        try:
+            traits = load_built(ctx.input("constitution")).traits
+        except (OSError, ValueError, KeyError):
+            return None  # an input is unreadable: `run` will say so
+
+        def answered(req):
+            r = answers([req])[0]
+            return None if r is None else r.text
+
+        per_trait = max(1, -(-p.per_trait // 15))  # as the estimate: ~15 usable questions a call
+        cached = new = 0
+        for t in traits:
+            if p.per_trait > len(t.questions):
+                _, done, finished = expansion(m, t.trait, list(t.questions), p.per_trait, p.expansion_max_tokens,
+                                              answered)
+                cached += done
+                new += 0 if finished else max(1, per_trait - done)
+        return est.scaled(new / max(1, len(traits) * per_trait)), {"cached": cached, "new": new}
 
     def run(self, ctx):
         from charbuild.recipe.stages.constitution import load_built
@@ -176,37 +202,6 @@ class PromptsStage(Stage):
             rows.append({"id": r["id"] or f"g{i}", "prompt": r["prompt"], "source": "general"})
         n = write_jsonl(ctx.out_dir / "prompts.jsonl", (rows[i] for i in stratified_order(rows)))
         return {"prompts": n, "constitution_prompts": sum(r["source"] == "constitution" for r in rows)}
-
-
-def _count_expansions(ctx, est):
-    """PromptsStage.count_calls: each trait's expansion replayed through the call cache."""
-    call_cache = getattr(ctx.services, "call_cache", None)
-    role = ctx.target.params.get("expander")
-    if call_cache is None or role is None:
-        return None
-    from charbuild.backends.cached import call_identity, call_key, from_entry
-    from charbuild.recipe.stages.constitution import load_built
-    from charbuild.recipe.stages.generate import without_reasoning
-
-    p, m = ctx.spec.data.prompts, ctx.spec.models[role]
-    try:
-        traits = load_built(ctx.input("constitution")).traits
-    except (OSError, ValueError, KeyError):
-        return None  # an input is unreadable: `run` will say so
-    ident = call_identity(ctx, role, m)
-
-    def answered(req):
-        e = call_cache.get(call_key(*ident, req, 0))  # one request a call: its first occurrence
-        return None if e is None else without_reasoning(from_entry(e)).text
-
-    per_trait = max(1, -(-p.per_trait // 15))  # as the estimate: ~15 usable questions a call
-    cached = new = 0
-    for t in traits:
-        if p.per_trait > len(t.questions):
-            _, done, finished = expansion(m, t.trait, list(t.questions), p.per_trait, p.expansion_max_tokens, answered)
-            cached += done
-            new += 0 if finished else max(1, per_trait - done)
-    return est.scaled(new / max(1, len(traits) * per_trait)), {"cached": cached, "new": new}
 
 
 def expander_role(spec) -> str:

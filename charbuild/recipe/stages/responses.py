@@ -25,9 +25,9 @@ from charbuild.recipe.leak_model import WORDS_FILE
 from charbuild.recipe.stages.common import (data_digest, local_model_resources, model_inputs, read_jsonl, sample_seed,
                                           write_jsonl)
 from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
-                                             filter_config, generate_checked, judge_leaks, leak_judge_requests,
-                                             leak_judge_stage, request, screened, seed_counts, shown_to_judge,
-                                             without_reasoning)
+                                             cached_answers, filter_config, generate_checked, judge_leaks,
+                                             leak_judge_requests, leak_judge_stage, request, screened, seed_counts,
+                                             shown_to_judge)
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -94,28 +94,23 @@ class _Responses(CountsCachedCalls, Stage):
         looked up: replies answered before the judge was named, or judged by another judge
         model or question, need new ones. A reply not answered yet counts as one new verdict
         (a high bound: the filters may drop it)."""
-        call_cache = getattr(ctx.services, "call_cache", None)
-        if call_cache is None:
-            return None
-        from charbuild.backends.cached import call_identity, call_key, from_entry, occurrence_indices
-
         f = ctx.spec.filters
         try:
             m, c, system, prompts, items, reqs = self._requests(ctx)
         except (OSError, ValueError, KeyError):
             return None  # an input is unreadable: `run` will say so
-        ident = call_identity(ctx, self.role, m)
-        entries = call_cache.get_many([call_key(*ident, r, k) for r, (_, _, k) in zip(reqs, items)])
+        teacher = cached_answers(ctx, self.role, m)
+        if teacher is None:
+            return None
         cfg = filter_config(f, c.language, system)
-        answered = [(row, screened(without_reasoning(from_entry(e)), cfg)[0])
-                    for (_, row, _), e in zip(items, entries) if e is not None]
+        answered = [(row, screened(r, cfg)[0])
+                    for (_, row, _), r in zip(items, teacher(reqs, [k for _, _, k in items])) if r is not None]
         records = [rec for _, rec in answered]
         shown = shown_to_judge(records, bool(f.leak_judge_overrules_classifier))
         judge = ctx.spec.models[f.leak_judge]
         jreqs = leak_judge_requests(judge, [prompts[answered[i][0]]["prompt"] for i in shown],
                                     [records[i]["text"] for i in shown])
-        jident = call_identity(ctx, f.leak_judge, judge)
-        cached = sum(call_cache.has_many([call_key(*jident, r, i) for r, i in zip(jreqs, occurrence_indices(jreqs))]))
+        cached = sum(r is not None for r in cached_answers(ctx, f.leak_judge, judge)(jreqs))
         return {"cached": cached, "new": len(shown) - cached + len(items) - len(answered)}
 
     def _requests(self, ctx):
