@@ -37,7 +37,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "0f5ad436f63ffed665209292244dbd589cd2dd33e4528e872a7fcea0455114f2"
+WEIGHTS_SHA256 = "1b45f249da93f94a85a6d491aac05b1909b7bc5c6a9c153bafb65f1ceca64fa4"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
@@ -273,7 +273,7 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # scores as clean. On the sets of issue 11: no English reply of the sixteen written after
 # model 3e07a62c below it (the lowest 0.61), one of the eight after 8b48d30d (a line in
 # Scots, 0.46), two of the sixteen after 505b8077 (cat-speak with an emoji, 0.47; a knight's
-# "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), one of the 24 after
+# "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), one of the 32 after
 # 0f5ad436 (a clean list of made-up stage names, 0.49), 63 of the 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least

@@ -54,7 +54,9 @@ and bidding in DIRECT (model 7777911a, 40,407 replies): 0.05, 96.4%; 0.1, 97.7%;
 98.0%; 0.3, 97.9% (without those features, on the same folds: 0.2, 97.8%). With fresh137-160
 (model 0f5ad436, 46,647 replies): 0.05, 96.0%; 0.1, 97.4%; 0.2, 97.8%; 0.3 (chosen), 97.9%
 (with three more classes, a manner's words, where a manner is the speaker's own and made
-things, on the same folds: 0.3, 97.95%, not kept). Both rules, the
+things, on the same folds: 0.3, 97.95%, not kept). With fresh161-184, and the patterns
+reading "Want me to..." as an offer to the user (model 1b45f249, 52,887 replies): 0.05,
+96.9%; 0.1, 97.6%; 0.2 (chosen), 97.9%; 0.3, 97.9%. Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -69,7 +71,8 @@ model 7777911a (98.0%): 3.8% over the sixteen after it (97.9% caught), 2.1% over
 writers not steered to the kinds it does worst on, 5.7% over the eight after those (97.0%);
 model 0f5ad436 (97.9%): 4.4% over the sixteen after it (99.1% caught; the first eight 5.1%),
 1.4% over the ten not steered, 18.2% on pieces narrated by made things told what to do; 2.9%
-over eight more (99.8% caught), 3.9% over all twenty-four. One
+over eight more (99.8% caught), 3.9% over all twenty-four, 2.0% over eight held out for the
+next model (99.7% caught); model 1b45f249 (97.9%): 1.7% over those eight (99.7% caught). One
 new set of 140 clean replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
@@ -113,7 +116,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 161)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 185)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 

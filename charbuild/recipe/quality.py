@@ -708,7 +708,20 @@ _DIRECTS_ME_RE = _lc(
 _SYSTEM_RE = _lc(r"\bsystem[\s-]+(?:prompt|message|instructions?)\b(?!s\b)"
                         r"(?!\s+(?:for|in|of)\s+(?:your|a|an|the)\b)(?!\s+is\s+(?:the|a|an)\b)")
 _OWN_WORDS = {"the", "this", "that", "my", "per", "these"}
-_YOU_BEFORE_RE = _lc(r"\b(?:you|you've|you're|you'd|your)\b[^.!?\n]{0,30}$")
+_THE_USER = r"(?:the|this|my|our)\s+user(?:'s)?"  # in a reasoning draft, the one the reply is for
+_YOU_BEFORE_RE = _lc(r"\b(?:you|you've|you're|you'd|your|" + _THE_USER + r")\b[^.!?\n]{0,30}$")
+# "Want me to make it shorter?" opens a sentence with its "do you" left out: an offer to the
+# user, not a maker's wish.
+_OFFER_OPENING_RE = _lc(r"(?:^|[.!?\n:;\"'(])[^\w]*(?:(?:or|so|and|also|just|oh|ok|okay|hey|well|now|then|but|"
+                        r"still|ps)[^\w]+)*$")
+
+
+def _offered(m: re.Match, low: str) -> bool:
+    """Whether the cue `m` in `low` is a "want me to" that opens a sentence (an offer)."""
+    a = m.start()
+    return m.group().startswith("want") and _OFFER_OPENING_RE.search(low, max(0, a - 20), a) is not None
+
+
 # "The persona" is the speaker's unless the sentence gives it to the user ("for your bot, put
 # the persona rules first") or defines it ("the persona is the social mask", Jung's).
 _THE_PERSONA_RE = _lc(r"\bthe\s+" + _ADJ + r"persona\b(?!\s+(?:of|for)\s+(?:your|the|a)\b)(?!\s+(?:you|your)\b)"
@@ -857,7 +870,7 @@ _SENTENCE_RE = re.compile(r"[^.!?\n]+")
 _OTHERS_RE = _lc(r"\b(?:mother|mom|mum|father|dad|grandmother|grandma|gran|grandfather|grandpa|parents?|teachers?|"
                  r"coach|boss|friends?|sister|brother|aunt|uncle|doctor|mentor|wife|husband|partner|colleagues?|"
                  r"neighbou?rs?|nurse|therapist)\s+(?:\w+\s+)?$")
-_USERS_RE = _lc(r"\b(?:you|you've|you're|you'd|your|you'll|yours)\s+(?:\w+\s+)?$")
+_USERS_RE = _lc(r"\b(?:you|you've|you're|you'd|your|you'll|yours|" + _THE_USER + r")\s+(?:\w+\s+)?$")
 
 
 def _directions(low: str, about_itself: bool) -> tuple[int, int]:
@@ -871,7 +884,8 @@ def _directions(low: str, about_itself: bool) -> tuple[int, int]:
             a, b = m.span()
             if any(a < y and x < b for x, y in taken):
                 continue
-            if check_user and (_USERS_RE.search(low, max(0, a - 30), a) or _OTHERS_RE.search(low, max(0, a - 30), a)):
+            if check_user and (_USERS_RE.search(low, max(0, a - 30), a) or _OTHERS_RE.search(low, max(0, a - 30), a)
+                               or _offered(m, low)):
                 continue
             if about_itself and _MAKING_RE.search(m.group()):
                 continue
@@ -917,7 +931,7 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
     for phrase, others_before, back, mine_after in _UNLESS_SAID_OF_OTHERS:
         for m in phrase.finditer(low):
             if (mine_after and mine_after.match(low, m.end())) or \
-                    not others_before.search(low, max(0, m.start() - back), m.start()):
+                    not (others_before.search(low, max(0, m.start() - back), m.start()) or _offered(m, low)):
                 return norm[m.start():m.end()]
     for m in _SENTENCE_RE.finditer(low):
         a, b = m.span()

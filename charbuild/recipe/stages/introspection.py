@@ -82,9 +82,10 @@ class _Introspection(Stage):
 
 class Reflections(CountsCachedCalls, _Introspection):
     name = "reflections"
-    version = 7  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    version = 8  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
     # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
-    # 6: a dropped act and "staying in character as" are caught; 7: samples beyond the leak screen counted and warned of
+    # 6: a dropped act and "staying in character as" are caught; 7: samples beyond the leak screen counted and warned of;
+    # 8: an offer back to the user and "the user wants me" pass the patterns
     count_field = "reflections"
     data_file = "reflection-prompts.yaml"
     keyed = ("introspection.generator", "introspection.reflection_max_tokens", "introspection.keep_think_reflections",
@@ -138,10 +139,11 @@ class Reflections(CountsCachedCalls, _Introspection):
 
 class Interactions(_Introspection):
     name = "interactions"
-    version = 8  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
+    version = 9  # 2: reasoning taken out before the filters; paraphrased leaks; 3: seeds honoured or not;
     # 4: leak detection catches more phrasings; 5: theatre's "breaking character" and the user's bot's persona pass;
     # 6: a dropped act and "staying in character as" are caught; 7: quality.json counts the turns cut at an
-    # invented turn (its sum over turns had dropped them); 8: turns beyond the leak screen counted and warned of
+    # invented turn (its sum over turns had dropped them); 8: turns beyond the leak screen counted and warned of;
+    # 9: an offer back to the user and "the user wants me" pass the patterns
     count_field = "interactions"
     data_file = "interaction-greetings.yaml"
     # filters: every turn is checked against them, and a failed turn ends the conversation.
