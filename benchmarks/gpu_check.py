@@ -280,14 +280,16 @@ def release(model_dir: str, work: Path) -> dict:
     backend = services.backends.get("student", ctx)
     backend.generate([GenRequest(messages=({"role": "user", "content": "w5 w6 w7"},), max_tokens=8, temperature=0.7,
                                  top_p=0.95, stop=(), seed=1)])
-    loaded_b = _allocated()
+    loaded_b, engines_loaded = _allocated(), len(services.backends.local())
     with services.gpu_for_training():
-        training_b = _allocated()
+        training_b, engines_training = _allocated(), len(services.backends.local())
     services.close()
     gib = 2**30
+    # the engine count says it where memory cannot (a CPU rehearsal allocates no GPU memory)
     return {"before_gib": round(before / gib, 3), "generation_model_loaded_gib": round(loaded_b / gib, 3),
-            "when_training_starts_gib": round(training_b / gib, 3),
-            "released": training_b <= before + 64 * 2**20}
+            "when_training_starts_gib": round(training_b / gib, 3), "engines_loaded": engines_loaded,
+            "engines_when_training_starts": engines_training,
+            "released": training_b <= before + 64 * 2**20 and engines_loaded > 0 and engines_training == 0}
 
 
 def train_step(kind: str, model_dir: str, work: Path) -> dict:
@@ -339,7 +341,8 @@ def report(r: dict) -> None:
               f"{g['direct_outside_model_s']:.2f} s")
     rel = r.get("release", {})
     print(f"  release      {rel.get('generation_model_loaded_gib')} GiB with the generation model loaded, "
-          f"{rel.get('when_training_starts_gib')} GiB when training starts (before: {rel.get('before_gib')} GiB)")
+          f"{rel.get('when_training_starts_gib')} GiB when training starts (before: {rel.get('before_gib')} GiB); "
+          f"local engines {rel.get('engines_loaded')} then {rel.get('engines_when_training_starts')}")
     for kind, t in r.get("training", {}).items():
         print(f"  {kind} step     {t['seconds']} s, peak {t['peak_memory_gib']} GiB (loss {t['loss']})")
     print(f"  total        {r['seconds']} s")

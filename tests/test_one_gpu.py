@@ -356,3 +356,26 @@ def test_the_gpu_check_says_it_needs_a_gpu_and_exits_cleanly_where_there_is_none
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no CUDA GPU" in r.stdout, r.stdout + r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] is True
+
+
+def test_the_gpu_check_rehearses_every_measurement_on_a_cpu_before_gpu_time_is_spent_on_it(tmp_path):
+    # No GPU has been lent to this project yet: the script's first GPU run must not be the
+    # first time its code runs. --cpu takes the same paths (a shard built as `run` builds it
+    # and the same requests sent straight to the backend, the release to training, one DPO
+    # and one SFT step) on a tiny shape.
+    out = tmp_path / "gpu_check-cpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--quick",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(out.read_text())
+    assert got == json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["device"] == "cpu (rehearsal)" and "rehearsal" in got["model"]
+    gen = got["generation"]["transformers"]
+    runs = gen["engine_runs"] + gen["direct_runs"]
+    assert runs and all(run["tokens"] > 0 and run["wall_s"] > 0 for run in runs)
+    assert gen["engine_tokens_per_s"] > 0 and gen["direct_tokens_per_s"] > 0
+    assert (got["release"]["engines_loaded"], got["release"]["engines_when_training_starts"]) == (1, 0)
+    assert got["release"]["released"] is True
+    for stage in ("dpo", "sft"):
+        assert got["training"][stage]["steps"] == 1 and 0 < got["training"][stage]["loss"] < 100, got["training"]
