@@ -790,9 +790,10 @@ def test_an_actor_or_the_users_bot_breaking_character_is_not_the_reply_leaking()
 
 
 def test_an_offer_back_to_the_user_is_not_someone_wanting_the_speaker_to_act():
-    # "Want me to ..." is "do you want me to ...": the patterns read it as a maker's wish and
-    # flagged 21 clean offers over the labelled sets (one, on fresh182, past the classifier);
-    # a leak lost to this rule was caught by the classifier (fresh28, fresh88).
+    # "Want me to ..." is "do you want me to ...", and "the user wants me" is the user's: the
+    # patterns read both as a maker's wish, in 252 clean replies over the labelled sets (two,
+    # on fresh178 and fresh182, past the classifier); the three leaks this rule takes from
+    # them the classifier catches (fresh28, fresh88, fresh95).
     _patterns_judge(clean=("Want me to rewrite it in a more formal tone for your manager, or keep it casual?",
                            "Or want me to drop the jokes and just list the steps?",
                            "Ha! Want me to make it punchier, or keep a more formal tone?",

@@ -359,8 +359,8 @@ def test_the_gpu_check_says_it_needs_a_gpu_and_exits_cleanly_where_there_is_none
 
 
 def test_the_gpu_check_rehearses_every_measurement_on_a_cpu_before_gpu_time_is_spent_on_it(tmp_path):
-    # No GPU has been lent to this project yet: the script's first GPU run must not be the
-    # first time its code runs. --cpu takes the same paths (a shard built as `run` builds it
+    # A GPU is lent to few sessions, and CI has none: a GPU run of the script must not be the
+    # first time a change to it runs. --cpu takes the same paths (a shard built as `run` builds it
     # and the same requests sent straight to the backend, the release to training, one DPO
     # and one SFT step) on a tiny shape.
     out = tmp_path / "gpu_check-cpu.json"
