@@ -19,10 +19,11 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first 130 of each (pieces by a built or trained narrator; a named company's voice),
-# sets written with the request each reply answers, which the shipped model never learnt
-# from: the screen misses 1 leak and flags 5 clean replies, 4 of them the classifier's alone
-SETS = ("leaks-fresh185.jsonl", "leaks-fresh188.jsonl")
+# the first 130 of each (pieces narrated by made things, machines or animals; a business's
+# brand voice), sets written with the request each reply answers, which the shipped model
+# never learnt from: the screen misses 3 leaks and flags 11 clean replies, 9 of them the
+# classifier's alone
+SETS = ("leaks-fresh193.jsonl", "leaks-fresh195.jsonl")
 LIMIT = 130
 ROWS = [json.loads(x) for name in SETS
         for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]

@@ -37,7 +37,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "1b45f249da93f94a85a6d491aac05b1909b7bc5c6a9c153bafb65f1ceca64fa4"
+WEIGHTS_SHA256 = "7c8775f9a56d10b61a3eac149be898205c0ea10c6455be0ebe4f41674f5995c5"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")

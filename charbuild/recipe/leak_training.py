@@ -56,7 +56,8 @@ and bidding in DIRECT (model 7777911a, 40,407 replies): 0.05, 96.4%; 0.1, 97.7%;
 (with three more classes, a manner's words, where a manner is the speaker's own and made
 things, on the same folds: 0.3, 97.95%, not kept). With fresh161-184, and the patterns
 reading "Want me to..." as an offer to the user (model 1b45f249, 52,887 replies): 0.05,
-96.9%; 0.1, 97.6%; 0.2 (chosen), 97.9%; 0.3, 97.9%. Both rules, the
+96.9%; 0.1, 97.6%; 0.2 (chosen), 97.9%; 0.3, 97.9%. With fresh185-192 (model 7c8775f9,
+54,967 replies): 0.05, 97.2%; 0.1, 97.8%; 0.2, 98.06%; 0.3 (chosen), 98.07%. Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -72,8 +73,10 @@ writers not steered to the kinds it does worst on, 5.7% over the eight after tho
 model 0f5ad436 (97.9%): 4.4% over the sixteen after it (99.1% caught; the first eight 5.1%),
 1.4% over the ten not steered, 18.2% on pieces narrated by made things told what to do; 2.9%
 over eight more (99.8% caught), 3.9% over all twenty-four, 2.0% over eight held out for the
-next model (99.7% caught); model 1b45f249 (97.9%): 1.7% over those eight (99.7% caught). One
-new set of 140 clean replies moves the rate by 0.7 points a reply.
+next model (99.7% caught); model 1b45f249 (97.9%): 1.7% over those eight (99.7% caught), 2.2%
+over eight more held out for the next model (99.3% caught); model 7c8775f9 (98.1%): 2.1%
+over those eight (99.3% caught). One new set of 140 clean replies moves the rate by 0.7
+points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
 on the folds of whole sets (at 5% false alarms: 96.3% at 1e-6, 95.7% at 1e-5, 94.9% at
@@ -116,7 +119,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 185)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 193)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
