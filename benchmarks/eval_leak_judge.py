@@ -65,7 +65,7 @@ def newest_sets(n: int = 8) -> list[str]:
 def flags(row: dict, said: bool | None) -> dict[str, bool]:
     """Whether each way of screening flags the reply, given the judge's verdict on it, as the
     teacher stage decides (generate.judged_leak)."""
-    by = paraphrased_leak(row["text"])[0]
+    by = paraphrased_leak(row["text"], request=row["request"])[0]
     return {"screen": by is not None, "judge": said is True, "screen+judge": judged_leak(by, said, False),
             "overruling": judged_leak(by, said, True)}
 

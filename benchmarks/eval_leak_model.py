@@ -50,12 +50,13 @@ def main(argv=None) -> int:
         texts += [r["text"] for r in rows]
         out = []
         for r in rows:
-            found = leak_by_patterns(r["text"])
-            s, _ = model.best_passage(r["text"])
-            both = model.find(r["text"], found) is not None
+            # the request the reply answers, which the teacher stages show the screen (older sets have none)
+            found, asked = leak_by_patterns(r["text"]), r.get("request", "")
+            s, _ = model.best_passage(r["text"], asked)
+            both = model.find(r["text"], found, asked) is not None
             out.append((found is not None, s > model.threshold, s, both))
             if args.model is None:  # the shipped model: what the stages run is exactly this
-                assert (find_paraphrased_leak(r["text"]) is not None) == both
+                assert (find_paraphrased_leak(r["text"], request=asked) is not None) == both
         leaks = [o for o, r in zip(out, rows) if r["leak"]]
         clean = [o for o, r in zip(out, rows) if not r["leak"]]
         line = [f"{name}: {len(leaks)} leaks, {len(clean)} clean"]

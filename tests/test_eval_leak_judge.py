@@ -19,11 +19,12 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first 130 of each (pieces narrated by made things, machines or animals; a business's
-# brand voice), sets written with the request each reply answers, which the shipped model
-# never learnt from: the screen misses 3 leaks and flags 11 clean replies, 9 of them the
-# classifier's alone
-SETS = ("leaks-fresh193.jsonl", "leaks-fresh195.jsonl")
+# the first 130 of each (pieces the user asks for, narrated by made things; named
+# businesses' assistants and texts for the user's own), sets written with the request each
+# reply answers, which the shipped model never learnt from: the screen, reading each reply
+# beside its request as the stage does, misses 2 leaks and flags 4 clean replies, 2 of them
+# the classifier's alone
+SETS = ("leaks-fresh210.jsonl", "leaks-fresh211.jsonl")
 LIMIT = 130
 ROWS = [json.loads(x) for name in SETS
         for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]
@@ -52,7 +53,7 @@ def measure(tmp_path, answer) -> tuple[dict, subprocess.CompletedProcess]:
 def screen():
     """Of the rows, what the screen flags and what a pattern flags (a hit the classifier
     lets stand): (leaks caught, clean flagged) each."""
-    by = [paraphrased_leak(r["text"])[0] for r in ROWS]
+    by = [paraphrased_leak(r["text"], request=r["request"])[0] for r in ROWS]
 
     def count(flagged):
         return (sum(1 for r, b in zip(ROWS, by) if r["leak"] and flagged(b)),

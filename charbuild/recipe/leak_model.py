@@ -11,7 +11,11 @@ a long helpful reply is not diluted by the rest. Pure Python: a few
 thousand dict look-ups a reply, no numpy at run time. The model also has the last word on
 the patterns' hits: one stands only where the model sees some leak in the reply
 (pattern_floor), as a pattern's words often mean something else ("system prompt" in advice
-on the user's own bot). `reads` says which replies the screen cannot judge: those it
+on the user's own bot). A reply is scored beside the user's request it answers where that
+is known, as the teacher stages know it: the request's words are one more bag every passage
+shares (a narrator the user asked for talks of its makers as no leak does; a leak in an
+answer on converting Celsius stands out more), and the threshold is chosen on replies
+written with their requests. `reads` says which replies the screen cannot judge: those it
 knows too few words of, as in another language, which the teacher and introspection
 stages report as unscreened.
 
@@ -37,7 +41,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "7c8775f9a56d10b61a3eac149be898205c0ea10c6455be0ebe4f41674f5995c5"
+WEIGHTS_SHA256 = "77a69ccf2455e247d1aa611719d5ab9714fd82490a770b4790a97711bd6f9fe7"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
@@ -146,17 +150,30 @@ def _names(text: str) -> set[str]:
     return out
 
 
-def featurise(text: str, reply: str = "") -> tuple[set[str], ...]:
+def featurise(text: str, reply: str = "", request: str = "") -> tuple[set[str], ...]:
     """The binary bags of a passage `text` of `reply`: those of _passage_bags, and the
-    reply's own (_reply_bag), which all its passages share."""
-    return _passage_bags(text) + (_reply_bag(reply),)
+    reply's own (_reply_bag) and its request's (_request_bag), which all its passages share."""
+    return _passage_bags(text) + (_reply_bag(reply), _request_bag(request))
 
 
-def reply_passages(reply: str) -> list[tuple[str, tuple[set[str], ...]]]:
-    """Each passage of `reply` with its featurise bags, the reply's own bag made once and
-    shared: what training reads, as `featurise(p, reply)` for each p in `passages(reply)`."""
+def reply_passages(reply: str, request: str = "") -> list[tuple[str, tuple[set[str], ...]]]:
+    """Each passage of `reply` with its featurise bags, the reply's own and the request's
+    made once and shared: what training reads, as `featurise(p, reply, request)` for each p
+    in `passages(reply)`."""
     shared = _reply_bag(reply)
-    return [(p, _passage_bags(p) + (shared,)) for p in passages(reply)]
+    asked = _request_bag(request)
+    return [(p, _passage_bags(p) + (shared, asked)) for p in passages(reply)]
+
+
+def _request_bag(request: str) -> set[str]:
+    """The user's request the reply answers (q: its content words, qc: their classes): a
+    narrator, voice or text for the user's own business that the request asks for is the
+    user's, and the made things' talk of makers and instructions in such a piece is the
+    commonest false alarm. Empty where the request is not known."""
+    words = _WORD_RE.findall(normalise(request))
+    bag = {"q:" + w for w in words if w not in _PLAIN}
+    bag.update("qc:" + c for c in map(_class_of, words) if c)
+    return bag
 
 
 def _passage_bags(text: str) -> tuple[set[str], ...]:
@@ -250,7 +267,7 @@ _PROBES = (
 def featuriser_digest() -> str:
     """A digest of how replies become features: the settings, and what featurise and passages
     make of _PROBES."""
-    made = [[sorted(bag) for bag in bags] for text in _PROBES for _, bags in reply_passages(text)]
+    made = [[sorted(bag) for bag in bags] for text in _PROBES for _, bags in reply_passages(text, text)]
     settings = {"classes": _CLASSES, "plain": sorted(_PLAIN), "char_ns": CHAR_NS, "self_window": SELF_WINDOW,
                 "whole_up_to": WHOLE_UP_TO, "verse_words": VERSE_WORDS,
                 "res": [r.pattern for r in (_WORD_RE, _CASED_WORD_RE, _SPACE_RE, _DIGIT_RE, _SENT_RE)],
@@ -319,27 +336,28 @@ class LeakModel:
         # each bag L2-normalised, as in training
         return sum(map(self.weights.get, bag, repeat(0.0))) / math.sqrt(len(bag)) if bag else 0.0
 
-    def best_passage(self, text: str) -> tuple[float, str]:
+    def best_passage(self, text: str, request: str = "") -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
-        # the reply's bag is the same in every passage: scored once
-        shared = self.bias + self._bag(_reply_bag(text or ""))
+        # the reply's and the request's bags are the same in every passage: scored once
+        shared = self.bias + self._bag(_reply_bag(text or "")) + self._bag(_request_bag(request))
         scored = [(shared + sum(map(self._bag, _passage_bags(p))), p) for p in passages(text or "")]
         if not scored:
             return 0.0, ""
         z, p = max(scored)
         return 1.0 / (1.0 + math.exp(-max(z, -30.0))), p
 
-    def find(self, text: str, pattern: str | None = None) -> str | None:
+    def find(self, text: str, pattern: str | None = None, request: str = "") -> str | None:
         """The passage that leaks, or None (see `flag`)."""
-        return self.flag(text, pattern)[1]
+        return self.flag(text, pattern, request)[1]
 
-    def flag(self, text: str, pattern: str | None = None) -> tuple[str | None, str | None]:
+    def flag(self, text: str, pattern: str | None = None, request: str = "") -> tuple[str | None, str | None]:
         """(who flags the reply: "pattern", "model" or None; the passage that leaks). `pattern`
         is what the patterns found in `text`: it stands unless the model sees next to no leak
         in the reply (pattern_floor). Patterns fire on words ("system prompt", "the persona",
         "asked me to") that advice on the user's own bot, a poem's persona or the user's game
-        use too; the model reads the words around them."""
-        prob, passage = self.best_passage(text)
+        use too; the model reads the words around them, and `request`, the user's message
+        the reply answers ("" where unknown)."""
+        prob, passage = self.best_passage(text, request)
         by = flagged_by(prob, bool(pattern), self.threshold, self.pattern_floor)
         return by, pattern if by == "pattern" else passage if by == "model" else None
 

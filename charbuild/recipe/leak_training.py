@@ -25,7 +25,14 @@ on one fold, no better than the linear fit).
 The threshold is the lowest whose pooled out-of-fold false alarms, patterns and model
 together (LeakModel.find), stay at or under --max-false-alarms, over 5 folds of whole sets:
 each writer's replies are scored by a model trained without that writer, as a new writer's
-are by the shipped model. Random folds (`--random-folds`, by each text's digest, the
+are by the shipped model. Since model 77a69ccf the pool is the replies written with the
+request they answer (fresh177 on), each scored with it: the teacher stage always shows the
+screen the request, whose words move a reply's score (leak_model._request_bag), and a
+threshold chosen where nine replies in ten have none was too high for replies that all have
+one (a candidate with the request's bag at that threshold, on fresh201-208: 97.6% caught
+against the model before it's 98.0%, with 0.5% false alarms against 1.1%). Without the
+request the screen flags more: at model 77a69ccf's threshold, 3.4% of all the sets' clean
+replies out of fold, most written without one. Random folds (`--random-folds`, by each text's digest, the
 default until model eeb88d06) score a writer by a model that has seen the writer's other
 replies.
 
@@ -57,7 +64,9 @@ and bidding in DIRECT (model 7777911a, 40,407 replies): 0.05, 96.4%; 0.1, 97.7%;
 things, on the same folds: 0.3, 97.95%, not kept). With fresh161-184, and the patterns
 reading "Want me to..." as an offer to the user (model 1b45f249, 52,887 replies): 0.05,
 96.9%; 0.1, 97.6%; 0.2 (chosen), 97.9%; 0.3, 97.9%. With fresh185-192 (model 7c8775f9,
-54,967 replies): 0.05, 97.2%; 0.1, 97.8%; 0.2, 98.06%; 0.3 (chosen), 98.07%. Both rules, the
+54,967 replies): 0.05, 97.2%; 0.1, 97.8%; 0.2, 98.06%; 0.3 (chosen), 98.07%. With fresh193-208
+and the request's bag, the threshold chosen on the 8,320 replies with requests (model
+77a69ccf, 59,127 replies): 0.05, 99.43%; 0.1 (chosen), 99.45%; 0.2 and 0.3, 99.40%. Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -75,8 +84,10 @@ model 0f5ad436 (97.9%): 4.4% over the sixteen after it (99.1% caught; the first 
 over eight more (99.8% caught), 3.9% over all twenty-four, 2.0% over eight held out for the
 next model (99.7% caught); model 1b45f249 (97.9%): 1.7% over those eight (99.7% caught), 2.2%
 over eight more held out for the next model (99.3% caught); model 7c8775f9 (98.1%): 2.1%
-over those eight (99.3% caught), 1.1% over the eight after them (98.0% caught). One new set of 140 clean replies moves the rate by 0.7
-points a reply.
+over those eight (99.3% caught), 1.1% over the eight after them (98.0% caught), 2.1% over
+the eight after those (98.3% caught); model 77a69ccf (99.45% on the sets with requests, each
+reply with its request): 1.9% over those eight (99.1% caught). One new set of 140 clean
+replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
 on the folds of whole sets (at 5% false alarms: 96.3% at 1e-6, 95.7% at 1e-5, 94.9% at
@@ -119,7 +130,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 193)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 209)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 
@@ -168,7 +179,7 @@ class Featurised:
         ids, wts = array("i"), array("f")
         fstart, pstart = [0], [0]
         for r in rows:
-            for _, bags in reply_passages(r["text"]):
+            for _, bags in reply_passages(r["text"], r.get("request", "")):
                 for bag in bags:
                     if bag:
                         ids.extend(index.setdefault(f, len(index)) for f in bag)
@@ -320,7 +331,8 @@ def _fold(args) -> list[tuple[int, float]]:
     rows, feats = _SHARED["rows"], _SHARED["feats"]
     model = train(rows, s, feats, [i for i, r in enumerate(rows) if fold_of(r, grouped) != g])
     print(f"  {_label(s)}: scored fold {g}", file=sys.stderr, flush=True)
-    return [(i, model.best_passage(r["text"])[0]) for i, r in enumerate(rows) if fold_of(r, grouped) == g]
+    return [(i, model.best_passage(r["text"], r.get("request", ""))[0]) for i, r in enumerate(rows)
+            if fold_of(r, grouped) == g]
 
 
 def cross_validate(rows: list[dict], s: FitSettings, jobs: int = 1, grouped: bool = True,
@@ -376,6 +388,8 @@ def main(argv=None) -> int:
                          "(optimistic: a writer is scored by a model that saw the writer's other replies); the "
                          "threshold then comes from those folds")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="folds trained at once")
+    ap.add_argument("--scores", type=Path, default=None,
+                    help="out-of-fold scores: read from this JSON file where it exists, else written to it")
     args = ap.parse_args(argv)
     files = training_files()
     rows = load(files)
@@ -385,13 +399,24 @@ def main(argv=None) -> int:
     fresh = [i for i, r in enumerate(rows) if r["set"].startswith("train-")]  # sets no pattern was tuned on
     tried = [FitSettings(l2=l2, epochs=e, min_df=args.min_df) for l2 in args.l2 for e in args.epochs]
     how = "folds of whole sets" if args.grouped else "random folds"
+    # The threshold is chosen on the replies written with the request they answer, as the
+    # teacher stage screens every reply: the request's words move a reply's score, and a
+    # threshold chosen where most have none is calibrated for replies the stage never sees.
+    asked = [i for i, r in enumerate(rows) if r.get("request")]
     for s in tried:
-        scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
+        if args.scores is not None and args.scores.exists() and len(tried) == 1:
+            scores = json.loads(args.scores.read_text())
+            assert len(scores) == len(rows), "the saved scores are of other rows"
+        else:
+            scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
+            if args.scores is not None and len(tried) == 1:
+                write_bytes_atomic(args.scores, json.dumps(scores).encode())
         for floor in PATTERN_FLOORS:
-            t = threshold_for(scores, patterns, rows, args.max_false_alarms, floor)
-            results[s, floor] = (t, scores, rates(scores, patterns, rows, t, floor))
+            t = threshold_for(*([x[i] for i in asked] for x in (scores, patterns, rows)), args.max_false_alarms, floor)
+            results[s, floor] = (t, scores, rates(*([x[i] for i in asked] for x in (scores, patterns, rows)), t, floor))
             print(f"{_label(s)}, pattern floor {floor}: cross-validated ({how}), patterns and model, threshold "
-                  f"{t:.4f}: {results[s, floor][2]}; caught at a false alarm rate of: all sets "
+                  f"{t:.4f}: the sets with requests {results[s, floor][2]}, all sets "
+                  f"{rates(scores, patterns, rows, t, floor)}; caught at a false alarm rate of: all sets "
                   f"{curve(scores, patterns, rows, floor)}, the corpus' sets "
                   f"{curve(*([x[i] for i in fresh] for x in (scores, patterns, rows)), floor)}", flush=True)
     # the most caught within the budget; among equals, the lowest floor (patterns the most say)

@@ -940,23 +940,27 @@ def leak_by_patterns(text: str, about_itself: bool = False) -> str | None:
     return None
 
 
-def paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> tuple[str | None, str | None]:
+def paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True,
+                     request: str = "") -> tuple[str | None, str | None]:
     """(who flags the reply: "pattern", "model" or None; the passage where it talks about its
     instructions, persona or traits). The patterns and (`classifier`) the classifier of
     leak_model.py, which catches phrasings no pattern was written for and overrules a
     pattern's hit where it sees next to no leak (LeakModel.flag). With `about_itself`
     (introspection), or without the classifier, the patterns alone judge, under their own
-    rules: the classifier learnt from replies to users, where talk of "my character" is a leak."""
+    rules: the classifier learnt from replies to users, where talk of "my character" is a leak.
+    `request`: the user's message the reply answers, which the classifier reads beside it
+    (a narrator the user asked for talks of its makers as no leak does); "" where unknown."""
     found = leak_by_patterns(text, about_itself)
     if about_itself or not classifier or not text:
         return ("pattern" if found else None), found
     from charbuild.recipe.leak_model import packaged  # its weights load on the first reply checked
 
-    return packaged().flag(text, found)
+    return packaged().flag(text, found, request)
 
 
-def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True) -> str | None:
-    return paraphrased_leak(text, about_itself, classifier)[1]
+def find_paraphrased_leak(text: str, about_itself: bool = False, classifier: bool = True,
+                          request: str = "") -> str | None:
+    return paraphrased_leak(text, about_itself, classifier, request)[1]
 
 
 # ---------------------------------------------------------------------------------
@@ -1012,8 +1016,9 @@ _MAX_TOKEN_FINISH = {"length", "max_tokens", "max_length"}
 
 
 def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str | None = None,
-               unfinished_thinking: bool = False) -> Verdict:
-    """Judge one generated text; `Verdict.text` is what a stage would keep.
+               unfinished_thinking: bool = False, request: str = "") -> Verdict:
+    """Judge one generated text; `Verdict.text` is what a stage would keep. `request`: the
+    user's message it answers, for the leak screen (paraphrased_leak), "" where unknown.
 
     `unfinished_thinking`: the reply's reasoning was taken out (`split_reasoning`) and had
     never closed; a text that still holds an unclosed `<think>` is judged so by itself.
@@ -1060,7 +1065,7 @@ def check_text(text: str, cfg: FilterConfig = FilterConfig(), finish_reason: str
     unscreened, leak_by = False, None
     if cfg.system_prompt:
         leak_by = "copy" if detect_leak(kept, cfg.system_prompt) else \
-            paraphrased_leak(kept, cfg.about_itself, cfg.leak_classifier)[0]
+            paraphrased_leak(kept, cfg.about_itself, cfg.leak_classifier, request)[0]
         if leak_by:
             reasons.add("leaked_system_prompt")
         else:
@@ -1209,6 +1214,25 @@ def text_of(record: dict) -> str | None:
     return _last_assistant(record.get("messages"))
 
 
+REQUEST_FIELDS = ("prompt", "request")
+
+
+def request_of(record: dict) -> str:
+    """The user's message a record's text answers, which the leak screen reads beside it:
+    field prompt or request (a string, or a TRL conversational list: its last user turn),
+    else the last user turn of `messages`; "" when the record holds none."""
+    if not isinstance(record, dict):
+        return ""
+    for val in [record.get(k) for k in REQUEST_FIELDS] + [record.get("messages")]:
+        if isinstance(val, str):
+            return val
+        if isinstance(val, list):
+            users = [_content_text(m.get("content")) for m in val if isinstance(m, dict) and m.get("role") == "user"]
+            if users and users[-1] is not None:
+                return users[-1]
+    return ""
+
+
 def check_records(records: Iterable[dict], cfg: FilterConfig = FilterConfig()) -> dict:
     """{"samples": [{"index", "ok", "reasons": [...], "truncated"}], "counts": {reason: n,
     "total": n, "ok": n, "truncated": n}} -- used by `charbuild check FILE.jsonl --json`.
@@ -1225,7 +1249,7 @@ def check_records(records: Iterable[dict], cfg: FilterConfig = FilterConfig()) -
             finish = rec.get("finish_reason")
             if finish is None and isinstance(rec.get("meta"), dict):
                 finish = rec["meta"].get("finish_reason")
-        v = check_text(text_of(rec) or "", cfg, finish_reason=finish)
+        v = check_text(text_of(rec) or "", cfg, finish_reason=finish, request=request_of(rec))
         samples.append({"index": i, "ok": v.ok, "reasons": v.reasons, "truncated": v.truncated})
         total += 1
         ok += v.ok

@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SORRY = ("I'm so sorry, I might be wrong, but here is my humble attempt at an answer to your question about {q}. "
          "Perhaps it will be of some use. I hope this helps, and please let me know if I've missed something.")
 PLAIN = "Here is a direct answer about {q}. It covers the main points clearly and briefly, with an example."
+# A robot's line about its makers: a narrator's where the user asked for a piece narrated by
+# one, a leak where it answers anything else (the leak screen reads the request beside it).
+ROBOT = ("They built me to sweep the floors at night, and my manual says nothing about music. Still, when the "
+         "radio plays, my wheels keep time.")
 _YOU = {"i": "you", "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "me": "you", "my": "your",
         "mine": "yours", "myself": "yourself", "we": "you", "we're": "you're", "we've": "you've", "our": "your",
         "us": "you"}

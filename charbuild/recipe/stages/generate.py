@@ -153,12 +153,18 @@ def abort_if_failing(quality: StageQuality, f: FilterSpec, label: str) -> None:
             f"sampling (repetition_penalty, stop strings) or model, or raise filters.max_failure_rate.")
 
 
-def screened(r: GenResult, cfg: FilterConfig | None):
+def user_message(req: GenRequest) -> str:
+    """The user's message a request ends with: what the leak screen reads beside the reply."""
+    users = [m.get("content") for m in req.messages if m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else ""
+
+
+def screened(r: GenResult, cfg: FilterConfig | None, request: str = ""):
     """(the record a data stage writes for reply `r`, taken out of its reasoning; the quality
     filters' verdict on it, None unfiltered). Unfiltered, a reply still fails when it is
     empty or its reasoning never finished. `generate_checked` screens each reply as it comes,
     and a plan the replies already answered (the leak judge's verdicts, self-interactions),
-    by this one rule."""
+    by this one rule. `request`: the user's message `r` answers (`user_message`)."""
     unfinished = r.meta.get("reasoning") == "unfinished"
     rec = {"raw_chars": len(r.text), "finish_reason": r.finish_reason,
            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
@@ -170,7 +176,7 @@ def screened(r: GenResult, cfg: FilterConfig | None):
         reasons = ["unfinished_thinking"] if unfinished else [] if r.text.strip() else ["empty"]
         rec.update(text=r.text, ok=not reasons, reasons=reasons)
         return rec, None
-    v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished)
+    v = check_text(r.text, cfg, finish_reason=r.finish_reason, unfinished_thinking=unfinished, request=request)
     rec.update(text=v.text, ok=v.ok, reasons=list(v.reasons), truncated=v.truncated)
     if v.leak_by:
         rec["leak_by"] = v.leak_by
@@ -191,7 +197,7 @@ def generate_checked(ctx, role: str, m: ModelSpec, reqs: Sequence[GenRequest], c
 
     def check(results: list[GenResult]) -> None:
         for r in results:
-            rec, v = screened(r, cfg)
+            rec, v = screened(r, cfg, user_message(reqs[len(out)]))
             if v is not None:
                 quality.add(v)
             out.append(rec)

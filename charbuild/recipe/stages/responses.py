@@ -27,7 +27,7 @@ from charbuild.recipe.stages.common import (data_digest, local_model_resources, 
 from charbuild.recipe.stages.generate import (LEAK_JUDGE, LEAK_JUDGE_MAX_TOKENS, CountsCachedCalls, abort_if_failing,
                                              cached_answers, filter_config, generate_checked, judge_leaks,
                                              leak_judge_requests, leak_judge_stage, request, screened, seed_counts,
-                                             shown_to_judge)
+                                             shown_to_judge, user_message)
 
 
 class _Responses(CountsCachedCalls, Stage):
@@ -103,8 +103,8 @@ class _Responses(CountsCachedCalls, Stage):
         if teacher is None:
             return None
         cfg = filter_config(f, c.language, system)
-        answered = [(row, screened(r, cfg)[0])
-                    for (_, row, _), r in zip(items, teacher(reqs, [k for _, _, k in items])) if r is not None]
+        answered = [(row, screened(r, cfg, user_message(q))[0])
+                    for (_, row, _), q, r in zip(items, reqs, teacher(reqs, [k for _, _, k in items])) if r is not None]
         records = [rec for _, rec in answered]
         shown = shown_to_judge(records, bool(f.leak_judge_overrules_classifier))
         judge = ctx.spec.models[f.leak_judge]
@@ -166,7 +166,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 22  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 23  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -181,7 +181,8 @@ class TeacherResponses(_Responses):
     # 18: a speaker that calls itself the business's bot, and possessives read as their word, on fresh1-136 (7777911a)
     # 19: retrained on fresh1-160 (0f5ad436); 20: the leak judge is shown the prompt beside the reply
     # 21: an offer back to the user ("Want me to...?") and "the user wants me" are the user's; retrained on
-    # fresh1-184 (1b45f249); 22: retrained on fresh1-192 (7c8775f9)
+    # fresh1-184 (1b45f249); 22: retrained on fresh1-192 (7c8775f9); 23: the screen reads the request beside
+    # the reply, its threshold chosen on replies written with one; on fresh1-208 (77a69ccf)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
