@@ -378,7 +378,6 @@ def test_the_judge_overruling_the_classifier_rekeys_the_teacher_alone_and_needs_
     assert "alone.yaml" in err and "leak_judge_overrules_classifier needs a judge" in err, err
 
 
-
 def test_the_teacher_stage_screens_each_reply_beside_the_prompt_it_answers(tmp_path, monkeypatch):
     # Every other teacher reply is the robot's line; without a judge, the screen alone decides.
     def reply(body):

@@ -32,9 +32,9 @@ threshold chosen where nine replies in ten have none was too high for replies th
 one (a candidate with the request's bag at that threshold, on fresh201-208: 97.6% caught
 against the model before it's 98.0%, with 0.5% false alarms against 1.1%). Without the
 request the screen flags more: at model 77a69ccf's threshold, 3.4% of all the sets' clean
-replies out of fold, most written without one. Random folds (`--random-folds`, by each text's digest, the
-default until model eeb88d06) score a writer by a model that has seen the writer's other
-replies.
+replies out of fold, most written without one. Random folds (`--random-folds`, by each
+text's digest, the default until model eeb88d06) score a writer by a model that has seen
+the writer's other replies.
 
 A pattern's hit stands where the model scores the reply above a floor, chosen with the
 threshold from PATTERN_FLOORS on the same folds: the patterns were tuned on these sets and
@@ -388,8 +388,6 @@ def main(argv=None) -> int:
                          "(optimistic: a writer is scored by a model that saw the writer's other replies); the "
                          "threshold then comes from those folds")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="folds trained at once")
-    ap.add_argument("--scores", type=Path, default=None,
-                    help="out-of-fold scores: read from this JSON file where it exists, else written to it")
     args = ap.parse_args(argv)
     files = training_files()
     rows = load(files)
@@ -404,16 +402,11 @@ def main(argv=None) -> int:
     # threshold chosen where most have none is calibrated for replies the stage never sees.
     asked = [i for i, r in enumerate(rows) if r.get("request")]
     for s in tried:
-        if args.scores is not None and args.scores.exists() and len(tried) == 1:
-            scores = json.loads(args.scores.read_text())
-            assert len(scores) == len(rows), "the saved scores are of other rows"
-        else:
-            scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
-            if args.scores is not None and len(tried) == 1:
-                write_bytes_atomic(args.scores, json.dumps(scores).encode())
+        scores = cross_validate(rows, s, args.jobs, args.grouped, feats)
+        with_request = [[x[i] for i in asked] for x in (scores, patterns, rows)]  # scores, patterns, rows
         for floor in PATTERN_FLOORS:
-            t = threshold_for(*([x[i] for i in asked] for x in (scores, patterns, rows)), args.max_false_alarms, floor)
-            results[s, floor] = (t, scores, rates(*([x[i] for i in asked] for x in (scores, patterns, rows)), t, floor))
+            t = threshold_for(*with_request, args.max_false_alarms, floor)
+            results[s, floor] = (t, scores, rates(*with_request, t, floor))
             print(f"{_label(s)}, pattern floor {floor}: cross-validated ({how}), patterns and model, threshold "
                   f"{t:.4f}: the sets with requests {results[s, floor][2]}, all sets "
                   f"{rates(scores, patterns, rows, t, floor)}; caught at a false alarm rate of: all sets "

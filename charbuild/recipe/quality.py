@@ -1184,11 +1184,12 @@ def _content_text(content: object) -> str | None:
     return None
 
 
-def _last_assistant(messages: object) -> str | None:
+def last_turn(messages: object, role: str) -> str | None:
+    """The text of the last `role` turn of a chat message list (None where there is none)."""
     if not isinstance(messages, list):
         return None
     for msg in reversed(messages):
-        if isinstance(msg, dict) and msg.get("role") == "assistant":
+        if isinstance(msg, dict) and msg.get("role") == role:
             return _content_text(msg.get("content"))
     return None
 
@@ -1204,14 +1205,14 @@ def text_of(record: dict) -> str | None:
         if isinstance(val, str):
             return val
         if isinstance(val, list):
-            got = _last_assistant(val)
+            got = last_turn(val, "assistant")
             if got is not None:
                 return got
         if isinstance(val, dict) and val.get("role") == "assistant":
             got = _content_text(val.get("content"))
             if got is not None:
                 return got
-    return _last_assistant(record.get("messages"))
+    return last_turn(record.get("messages"), "assistant")
 
 
 REQUEST_FIELDS = ("prompt", "request")
@@ -1226,10 +1227,8 @@ def request_of(record: dict) -> str:
     for val in [record.get(k) for k in REQUEST_FIELDS] + [record.get("messages")]:
         if isinstance(val, str):
             return val
-        if isinstance(val, list):
-            users = [_content_text(m.get("content")) for m in val if isinstance(m, dict) and m.get("role") == "user"]
-            if users and users[-1] is not None:
-                return users[-1]
+        if isinstance(val, list) and (got := last_turn(val, "user")) is not None:
+            return got
     return ""
 
 

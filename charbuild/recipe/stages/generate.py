@@ -17,7 +17,8 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from charbuild.backends.base import GenRequest, GenResult
-from charbuild.recipe.quality import FilterConfig, QualityAbort, StageQuality, check_text, should_abort, split_reasoning
+from charbuild.recipe.quality import (FilterConfig, QualityAbort, StageQuality, check_text, last_turn, should_abort,
+                                      split_reasoning)
 from charbuild.spec.model import FilterSpec, ModelSpec
 
 
@@ -155,8 +156,7 @@ def abort_if_failing(quality: StageQuality, f: FilterSpec, label: str) -> None:
 
 def user_message(req: GenRequest) -> str:
     """The user's message a request ends with: what the leak screen reads beside the reply."""
-    users = [m.get("content") for m in req.messages if m.get("role") == "user"]
-    return users[-1] if users and isinstance(users[-1], str) else ""
+    return last_turn(list(req.messages), "user") or ""
 
 
 def screened(r: GenResult, cfg: FilterConfig | None, request: str = ""):
