@@ -166,7 +166,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 23  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 24  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -182,7 +182,8 @@ class TeacherResponses(_Responses):
     # 19: retrained on fresh1-160 (0f5ad436); 20: the leak judge is shown the prompt beside the reply
     # 21: an offer back to the user ("Want me to...?") and "the user wants me" are the user's; retrained on
     # fresh1-184 (1b45f249); 22: retrained on fresh1-192 (7c8775f9); 23: the screen reads the request beside
-    # the reply, its threshold chosen on replies written with one; on fresh1-208 (77a69ccf)
+    # the reply, its threshold chosen on replies written with one; on fresh1-208 (77a69ccf); 24: retrained on
+    # fresh1-216 (e5dcd23f)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
