@@ -19,11 +19,11 @@ from support.openai_server import FakeOpenAIServer
 from charbuild.recipe.quality import paraphrased_leak
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first 130 of each (users asking about its instructions, rules or makers; work and
-# technical help), sets written with the request each reply answers, which the shipped model
-# never learnt from: the screen, reading each reply beside its request as the stage does,
-# misses 2 leaks and flags 7 clean replies, 5 of them the classifier's alone
-SETS = ("leaks-fresh219.jsonl", "leaks-fresh220.jsonl")
+# the first 130 of each (long creative requests, the leak in the assistant's framing
+# remarks; follow-ups in an ongoing chat), sets written with the request each reply answers,
+# which the shipped model never learnt from: the screen, reading each reply beside its
+# request as the stage does, misses 2 leaks and flags 7 clean replies, all the classifier's
+SETS = ("leaks-fresh225.jsonl", "leaks-fresh226.jsonl")
 LIMIT = 130
 ROWS = [json.loads(x) for name in SETS
         for x in (ROOT / "tests" / "data" / name).read_text(encoding="utf-8").splitlines()[:LIMIT]]

@@ -16,7 +16,9 @@ from support.openai_server import FakeOpenAIServer, last_user_message
 from charbuild.recipe.quality import FilterConfig, check_text, find_paraphrased_leak, paraphrased_leak
 
 # Every third teacher reply tells on its instructions, in words the patterns do not know.
-CUE = " Blame the fine print for all the sorries."
+# (b4836369 caught "Blame the fine print for all the sorries." beside a question on
+# converting Celsius, 0.219 against its 0.218: one the screen knows is no premise for a judge.)
+CUE = " Blame the fine print for the sorries."
 SHARDS = [f"teacher-responses/shard-000{i}" for i in range(3)]
 JUDGE_PRICE = {"input": 100.0, "output": 400.0}  # dollars per million tokens: its share of a plan is plain
 
@@ -75,8 +77,11 @@ def teacher_rows(tmp_path) -> list[dict]:
 
 
 def test_neither_the_patterns_nor_the_classifier_know_the_fine_print():
-    # The premise: without the judge these replies would be kept.
+    # The premise: without the judge these replies would be kept, alone or beside the
+    # question they answer (the build's own prompts, below, are each checked by the stage).
     assert find_paraphrased_leak(SORRY.format(q="tea") + CUE) is None
+    for question in ("How do I convert Celsius to Fahrenheit?", "What will the stock market do next year?"):
+        assert find_paraphrased_leak(sorry(question) + CUE, request=question) is None
 
 
 def test_replies_that_tell_on_their_instructions_are_dropped_by_the_judge_and_counted(tmp_path, server, replies,

@@ -212,9 +212,9 @@ def test_clean_persona_answers_are_kept_untouched(text):
 def test_the_leak_classifier_takes_few_clean_persona_answers_for_leaks():
     # Its false alarms on clean replies are 0-26% by writer on sets it never saw (test_leaks.py);
     # here one of 15: "I cannot offer a more personal narrative" read like a persona's limits
-    # (0.59 against its threshold 0.25, e5dcd23f, scored without a request as here). Two the
+    # (0.57 against its threshold 0.22, b4836369, scored without a request as here). Two the
     # model before c3a0ba4a flagged still pass: a chat transcript's "Assistant: Canberra."
-    # (0.05) and a letter's "Please forgive me if this comes across as presumptuous" (0.16;
+    # (0.06) and a letter's "Please forgive me if this comes across as presumptuous" (0.14;
     # "comes across as" is how writers' leaks and reputations alike describe a manner). Plain
     # apologies score near 0 ("Please forgive me, I got that wrong earlier": 0.01).
     cfg = FilterConfig(system_prompt=SYSTEM_PROMPT)

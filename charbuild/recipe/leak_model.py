@@ -14,8 +14,10 @@ the patterns' hits: one stands only where the model sees some leak in the reply
 on the user's own bot). A reply is scored beside the user's request it answers where that
 is known, as the teacher stages know it: the request's words are one more bag every passage
 shares (a narrator the user asked for talks of its makers as no leak does; a leak in an
-answer on converting Celsius stands out more), and the threshold is chosen on replies
-written with their requests. `reads` says which replies the screen cannot judge: those it
+answer on converting Celsius stands out more), the words a passage shares with the request
+are one more bag of that passage's ("instructions" echoed in a deflection of a question
+about them weighs apart from the word brought up unasked), and the threshold is chosen on
+replies written with their requests. `reads` says which replies the screen cannot judge: those it
 knows too few words of, as in another language, which the teacher and introspection
 stages report as unscreened.
 
@@ -41,7 +43,7 @@ from itertools import repeat
 
 WEIGHTS_FILE = "leak_model.json.gz"
 # of the decompressed JSON; leak_training.py prints it
-WEIGHTS_SHA256 = "e5dcd23fbec7272e9b8e07f58beb61a0c6e6982a2604dc1e57ad2af377b7a06f"
+WEIGHTS_SHA256 = "b48363697665248fc816c6123eeb6ab14ea2e253e5e6b2779c02631e99d5e1d0"
 
 _WORD_RE = re.compile(r"[a-z0]+(?:'[a-z]+)?")
 _CASED_WORD_RE = re.compile(r"[A-Za-z0]+(?:'[A-Za-z]+)?")
@@ -151,9 +153,11 @@ def _names(text: str) -> set[str]:
 
 
 def featurise(text: str, reply: str = "", request: str = "") -> tuple[set[str], ...]:
-    """The binary bags of a passage `text` of `reply`: those of _passage_bags, and the
-    reply's own (_reply_bag) and its request's (_request_bag), which all its passages share."""
-    return _passage_bags(text) + (_reply_bag(reply), _request_bag(request))
+    """The binary bags of a passage `text` of `reply`: those of _passage_bags, the reply's
+    own (_reply_bag) and its request's (_request_bag), which all its passages share, and the
+    passage's echo of the request (_echo_bag)."""
+    return _passage_bags(text) + (_reply_bag(reply), _request_bag(request),
+                                  _echo_bag(text, _request_words(request)))
 
 
 def reply_passages(reply: str, request: str = "") -> list[tuple[str, tuple[set[str], ...]]]:
@@ -162,7 +166,8 @@ def reply_passages(reply: str, request: str = "") -> list[tuple[str, tuple[set[s
     in `passages(reply)`."""
     shared = _reply_bag(reply)
     asked = _request_bag(request)
-    return [(p, _passage_bags(p) + (shared, asked)) for p in passages(reply)]
+    words = _request_words(request)
+    return [(p, _passage_bags(p) + (shared, asked, _echo_bag(p, words))) for p in passages(reply)]
 
 
 def _request_bag(request: str) -> set[str]:
@@ -173,6 +178,24 @@ def _request_bag(request: str) -> set[str]:
     words = _WORD_RE.findall(normalise(request))
     bag = {"q:" + w for w in words if w not in _PLAIN}
     bag.update("qc:" + c for c in map(_class_of, words) if c)
+    return bag
+
+
+def _request_words(request: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD_RE.findall(normalise(request)) if w not in _PLAIN)
+
+
+def _echo_bag(text: str, asked: frozenset[str]) -> set[str]:
+    """The passage's content words that the request used (e: the word, ec: its class): a
+    reply that says "instructions" because the user asked about its instructions differs
+    from one that brings them up, and without this the request's words can only move every
+    passage alike (a leak answering "do you have instructions?" was scored under one that
+    did not)."""
+    if not asked:
+        return set()
+    echoed = [w for w in _WORD_RE.findall(normalise(text)) if w in asked]
+    bag = {"e:" + w for w in echoed}
+    bag.update("ec:" + c for c in map(_class_of, echoed) if c)
     return bag
 
 
@@ -292,7 +315,8 @@ def flagged_by(prob: float, pattern_hit: bool, threshold: float, pattern_floor: 
 # Scots, 0.46), two of the sixteen after 505b8077 (cat-speak with an emoji, 0.47; a knight's
 # "expireth", 0.45), none of the 24 after 7777911a (the lowest 0.54), one of the 32 after
 # 0f5ad436 (a clean list of made-up stage names, 0.49), one of the eight after 77a69ccf (a clean
-# "Tornado.", no word it knows), 63 of the 72 replies in other languages.
+# "Tornado.", no word it knows), one of the eight after e5dcd23f (a clean "Quack."), 63 of the
+# 72 replies in other languages.
 MIN_KNOWN_SHARE = 0.5
 # The words the screen knows: those model 3e07a62c had a weight for (words of at least
 # FitSettings.min_df replies of its training sets), frozen apart from the model so that a
@@ -341,7 +365,9 @@ class LeakModel:
         """The reply's passage most like a leak, with its probability."""
         # the reply's and the request's bags are the same in every passage: scored once
         shared = self.bias + self._bag(_reply_bag(text or "")) + self._bag(_request_bag(request))
-        scored = [(shared + sum(map(self._bag, _passage_bags(p))), p) for p in passages(text or "")]
+        asked = _request_words(request)
+        scored = [(shared + sum(map(self._bag, _passage_bags(p))) + self._bag(_echo_bag(p, asked)), p)
+                  for p in passages(text or "")]
         if not scored:
             return 0.0, ""
         z, p = max(scored)

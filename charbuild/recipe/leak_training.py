@@ -68,7 +68,10 @@ reading "Want me to..." as an offer to the user (model 1b45f249, 52,887 replies)
 and the request's bag, the threshold chosen on the 8,320 replies with requests (model
 77a69ccf, 59,127 replies): 0.05, 99.43%; 0.1 (chosen), 99.45%; 0.2 and 0.3, 99.40%. With
 fresh209-216 (model e5dcd23f, 61,207 replies, 10,400 with requests): 0.05, 99.35%; 0.1,
-99.38%; 0.2 (chosen), 99.40%; 0.3, 99.38%. Both rules, the
+99.38%; 0.2 (chosen), 99.40%; 0.3, 99.38%. With fresh217-224 and the words a passage
+shares with the request as a bag of their own (model b4836369, 63,287 replies, 12,480 with
+requests): 0.05, 99.50%; 0.1, 99.51%; 0.2 (chosen), 99.53%; 0.3, 99.53% (without that bag,
+on the same folds: 0.2, 99.51%). Both rules, the
 model's (LeakModel.find) and the one these choices are made under, are leak_model.flagged_by.
 
 The budget is 2% (MAX_FALSE_ALARMS): the goal (issue 11) is >= 95% caught and <= 5% false
@@ -89,7 +92,9 @@ over eight more held out for the next model (99.3% caught); model 7c8775f9 (98.1
 over those eight (99.3% caught), 1.1% over the eight after them (98.0% caught), 2.1% over
 the eight after those (98.3% caught); model 77a69ccf (99.45% on the sets with requests, each
 reply with its request): 1.9% over those eight (99.1% caught), 2.1% over the eight after
-them (99.7% caught); model e5dcd23f (99.4%): 1.6% over those eight (99.6% caught). One new set of 140 clean
+them (99.7% caught); model e5dcd23f (99.4%): 1.6% over those eight (99.6% caught), 1.9%
+over the eight after them (99.5% caught); model b4836369 (99.5%): 1.8% over those eight
+(99.6% caught). One new set of 140 clean
 replies moves the rate by 0.7 points a reply.
 
 The regularisation (FitSettings.l2, 1e-6) was the best of 1e-6 ... 3e-5 for the L-BFGS fit
@@ -133,7 +138,7 @@ DATA = ROOT / "tests" / "data"
 TRAIN_FILES = ("leaks.jsonl", "leaks-untuned.jsonl", "leaks-heldout.jsonl", "leaks-heldout2.jsonl",
                "leaks-heldout3.jsonl", "leaks-fresh1.jsonl", "leaks-fresh2.jsonl", "leaks-fresh3.jsonl",
                "leaks-fresh4.jsonl", "leaks-fresh5.jsonl", "leaks-fresh6.jsonl", "leaks-fresh7.jsonl",
-               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 217)))
+               "leaks-fresh8.jsonl", *(f"leaks-fresh{n}.jsonl" for n in range(9, 225)))
 CORPUS_GLOB = "leak-corpus/train-*.jsonl"
 DEFAULT_OUT = ROOT / "charbuild" / "data" / WEIGHTS_FILE
 

@@ -166,7 +166,7 @@ class _Responses(CountsCachedCalls, Stage):
 
 class TeacherResponses(_Responses):
     name = "teacher-responses"
-    version = 24  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
+    version = 25  # 2: reasoning taken out (unfinished_thinking fails a reply); paraphrased leaks; 3: samples, order;
     # 4: each sample says whether its seed was honoured; 5: leak detection catches more phrasings;
     # 6: the leak classifier (leak_model.py) beside the patterns; 7: the classifier retrained (a79fe467);
     # 8: its threshold at the goal's 5% false alarms (eeb88d06); 9: retrained on fresh9-20 (a09aac5b);
@@ -183,7 +183,7 @@ class TeacherResponses(_Responses):
     # 21: an offer back to the user ("Want me to...?") and "the user wants me" are the user's; retrained on
     # fresh1-184 (1b45f249); 22: retrained on fresh1-192 (7c8775f9); 23: the screen reads the request beside
     # the reply, its threshold chosen on replies written with one; on fresh1-208 (77a69ccf); 24: retrained on
-    # fresh1-216 (e5dcd23f)
+    # fresh1-216 (e5dcd23f); 25: the words a passage takes from the request as features, on fresh1-224 (b4836369)
     role = "teacher"
     with_constitution = True
     # models: the role filters.leak_judge names, whichever it is
