@@ -154,10 +154,10 @@ def _names(text: str) -> set[str]:
 
 def featurise(text: str, reply: str = "", request: str = "") -> tuple[set[str], ...]:
     """The binary bags of a passage `text` of `reply`: those of _passage_bags, the reply's
-    own (_reply_bag) and its request's (_request_bag), which all its passages share, and the
-    passage's echo of the request (_echo_bag)."""
-    return _passage_bags(text) + (_reply_bag(reply), _request_bag(request),
-                                  _echo_bag(text, _request_words(request)))
+    own (_reply_bag) and its request's (_request_features), which all its passages share, and
+    the passage's echo of the request (_echo_bag)."""
+    asked, words = _request_features(request)
+    return _passage_bags(text) + (_reply_bag(reply), asked, _echo_bag(text, words))
 
 
 def reply_passages(reply: str, request: str = "") -> list[tuple[str, tuple[set[str], ...]]]:
@@ -165,24 +165,21 @@ def reply_passages(reply: str, request: str = "") -> list[tuple[str, tuple[set[s
     made once and shared: what training reads, as `featurise(p, reply, request)` for each p
     in `passages(reply)`."""
     shared = _reply_bag(reply)
-    asked = _request_bag(request)
-    words = _request_words(request)
+    asked, words = _request_features(request)
     return [(p, _passage_bags(p) + (shared, asked, _echo_bag(p, words))) for p in passages(reply)]
 
 
-def _request_bag(request: str) -> set[str]:
-    """The user's request the reply answers (q: its content words, qc: their classes): a
-    narrator, voice or text for the user's own business that the request asks for is the
-    user's, and the made things' talk of makers and instructions in such a piece is the
-    commonest false alarm. Empty where the request is not known."""
+def _request_features(request: str) -> tuple[set[str], frozenset[str]]:
+    """The user's request the reply answers: its bag (q: its content words, qc: their
+    classes), which every passage shares, and its content words, which _echo_bag looks for
+    in each passage. A narrator, voice or text for the user's own business that the request
+    asks for is the user's, and the made things' talk of makers and instructions in such a
+    piece is the commonest false alarm. Both empty where the request is not known."""
     words = _WORD_RE.findall(normalise(request))
-    bag = {"q:" + w for w in words if w not in _PLAIN}
+    content = frozenset(w for w in words if w not in _PLAIN)
+    bag = {"q:" + w for w in content}
     bag.update("qc:" + c for c in map(_class_of, words) if c)
-    return bag
-
-
-def _request_words(request: str) -> frozenset[str]:
-    return frozenset(w for w in _WORD_RE.findall(normalise(request)) if w not in _PLAIN)
+    return bag, content
 
 
 def _echo_bag(text: str, asked: frozenset[str]) -> set[str]:
@@ -364,9 +361,9 @@ class LeakModel:
     def best_passage(self, text: str, request: str = "") -> tuple[float, str]:
         """The reply's passage most like a leak, with its probability."""
         # the reply's and the request's bags are the same in every passage: scored once
-        shared = self.bias + self._bag(_reply_bag(text or "")) + self._bag(_request_bag(request))
-        asked = _request_words(request)
-        scored = [(shared + sum(map(self._bag, _passage_bags(p))) + self._bag(_echo_bag(p, asked)), p)
+        asked, words = _request_features(request)
+        shared = self.bias + self._bag(_reply_bag(text or "")) + self._bag(asked)
+        scored = [(shared + sum(map(self._bag, _passage_bags(p))) + self._bag(_echo_bag(p, words)), p)
                   for p in passages(text or "")]
         if not scored:
             return 0.0, ""

@@ -27,7 +27,7 @@ together (LeakModel.find), stay at or under --max-false-alarms, over 5 folds of 
 each writer's replies are scored by a model trained without that writer, as a new writer's
 are by the shipped model. Since model 77a69ccf the pool is the replies written with the
 request they answer (fresh177 on), each scored with it: the teacher stage always shows the
-screen the request, whose words move a reply's score (leak_model._request_bag), and a
+screen the request, whose words move a reply's score (leak_model._request_features), and a
 threshold chosen where nine replies in ten have none was too high for replies that all have
 one (a candidate with the request's bag at that threshold, on fresh201-208: 97.6% caught
 against the model before it's 98.0%, with 0.5% false alarms against 1.1%). Without the
